@@ -1,0 +1,1 @@
+"""The data stage: sources, filters, deduplication, mixtures and tokenized shards."""

@@ -1,0 +1,101 @@
+"""Model shapes: the config, the named presets, parameter counts and training FLOPs."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from zagreus.errors import UserError
+
+
+class RopeScaling(BaseModel):
+    """Llama-3 frequency scaling of RoPE (as in Llama-3.1/3.2 long-context models)."""
+
+    model_config = ConfigDict(extra="forbid")
+    factor: float = 32.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+class ModelConfig(BaseModel):
+    """Shape of a Llama-3.2-style dense decoder."""
+
+    model_config = ConfigDict(extra="forbid")
+    vocab_size: int = 128256
+    hidden_size: int = 960
+    n_layers: int = 32
+    n_heads: int = 15
+    n_kv_heads: int = 5
+    intermediate_size: int = 2560
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    init_std: float = 0.03227
+    bos_token_id: int = 128000
+    eos_token_id: int = 128001
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "ModelConfig":
+        if self.hidden_size % self.n_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+    def param_counts(self) -> dict[str, int]:
+        """Exact parameter counts; a tied output matrix is counted once, as part of the embedding."""
+        d, kv = self.hidden_size, self.n_kv_heads * self.head_dim
+        attention = d * d * 2 + d * kv * 2
+        mlp = 3 * d * self.intermediate_size
+        per_layer = attention + mlp + 2 * d
+        embedding = self.vocab_size * d
+        output = 0 if self.tie_embeddings else self.vocab_size * d
+        non_embedding = self.n_layers * per_layer + d + output
+        return {"total": embedding + non_embedding, "embedding": embedding, "non_embedding": non_embedding}
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward), PaLM-style.
+
+        6 x (every weight used in a matmul, the output projection included, the embedding lookup
+        not) + 12 x layers x attention width x sequence length for the attention scores.
+        """
+        seq = seq_len or self.max_seq_len
+        counts = self.param_counts()
+        matmul_params = counts["non_embedding"] - (self.n_layers * 2 + 1) * self.hidden_size
+        if self.tie_embeddings:
+            matmul_params += self.vocab_size * self.hidden_size
+        return 6 * matmul_params + 12 * self.n_layers * self.n_heads * self.head_dim * seq
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The report's model: 437,760,960 parameters.
+    "zagreus-0.4b": ModelConfig(),
+    "llama-3.2-1b": ModelConfig(
+        hidden_size=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192,
+        max_seq_len=131072, rope_theta=500000.0, rope_scaling=RopeScaling(), init_std=0.02,
+    ),
+    # Small shapes for CPU work; the tokenizer decides the vocabulary in recipes.
+    "tiny": ModelConfig(
+        vocab_size=8192, hidden_size=128, n_layers=4, n_heads=4, n_kv_heads=2,
+        intermediate_size=384, max_seq_len=512, init_std=0.02,
+    ),
+    "small": ModelConfig(
+        vocab_size=128256, hidden_size=256, n_layers=4, n_heads=4, n_kv_heads=2,
+        intermediate_size=768, max_seq_len=1024, init_std=0.02,
+    ),
+}
+
+
+def resolve_model_config(preset: str | None = None, **overrides) -> ModelConfig:
+    """A preset by name with field overrides, or a config from overrides alone."""
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown model preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+    base = PRESETS[preset].model_dump() if preset else {}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig(**base)

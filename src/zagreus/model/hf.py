@@ -1,0 +1,142 @@
+"""The Hugging Face folder format: export our model (config.json, model.safetensors, tokenizer
+files, generation_config.json) so transformers loads it with no custom code, and import back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from zagreus import __version__
+from zagreus.errors import UserError
+from zagreus.model.config import ModelConfig, RopeScaling
+from zagreus.model.llama import Transformer, rope_frequencies
+
+
+def to_llama_config(cfg: ModelConfig) -> dict:
+    """config.json in the LlamaConfig layout (legacy rope keys, which every transformers reads)."""
+    rope_scaling = None
+    if cfg.rope_scaling is not None:
+        rope_scaling = {"rope_type": "llama3", **cfg.rope_scaling.model_dump()}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope_scaling,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": cfg.init_std,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+
+
+def from_llama_config(raw: dict, source: Path) -> ModelConfig:
+    if raw.get("model_type") != "llama":
+        raise UserError(f"{source}: model_type is {raw.get('model_type')!r}; only Llama-architecture folders can be imported")
+    rope = raw.get("rope_scaling") or None
+    rope_params = raw.get("rope_parameters") or {}
+    if rope is None and rope_params.get("rope_type") == "llama3":
+        rope = rope_params
+    theta = raw.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    scaling = None
+    if rope is not None:
+        if rope.get("rope_type", rope.get("type")) != "llama3":
+            raise UserError(f"{source}: rope_scaling type {rope.get('rope_type')!r} is not supported (only llama3)")
+        scaling = RopeScaling(**{k: rope[k] for k in RopeScaling.model_fields if k in rope})
+    heads = raw["num_attention_heads"]
+    if raw.get("head_dim", raw["hidden_size"] // heads) * heads != raw["hidden_size"]:
+        raise UserError(f"{source}: head_dim x heads != hidden_size is not supported")
+    eos = raw.get("eos_token_id", 128001)
+    return ModelConfig(
+        vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
+        n_heads=heads, n_kv_heads=raw.get("num_key_value_heads", heads),
+        intermediate_size=raw["intermediate_size"], max_seq_len=raw.get("max_position_embeddings", 4096),
+        rope_theta=theta, rope_scaling=scaling, tie_embeddings=raw.get("tie_word_embeddings", False),
+        norm_eps=raw.get("rms_norm_eps", 1e-5), init_std=raw.get("initializer_range", 0.02),
+        bos_token_id=raw.get("bos_token_id", 128000), eos_token_id=eos[0] if isinstance(eos, list) else eos,
+    )
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our parameter names with Hugging Face's `model.` prefix; a tied head is stored once."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            if model.cfg.tie_embeddings:
+                continue
+            out[name] = tensor
+        else:
+            out[f"model.{name}"] = tensor
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def save_hf(model: Transformer, tokenizer, out_dir: Path, chat_template: str | None = None,
+            dtype: torch.dtype = torch.float32, extra_metadata: dict | None = None) -> Path:
+    """Write the export folder; the tokenizer's special ids must match the model's config."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
+    config = to_llama_config(cfg)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": [cfg.eos_token_id], "do_sample": False}
+    if "<|im_end|>" in tokenizer.special_tokens:
+        gen["eos_token_id"].append(tokenizer.special_tokens["<|im_end|>"])
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    tensors = {k: v.to(dtype) for k, v in hf_state_dict(model).items()}
+    metadata = {"format": "pt", "producer": f"zagreus {__version__}"}
+    metadata.update({k: str(v) for k, v in (extra_metadata or {}).items()})
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata=metadata)
+    tokenizer.save(out_dir, chat_template=chat_template, model_max_length=cfg.max_seq_len)
+    return out_dir
+
+
+def load_hf(folder: Path, device: str | torch.device = "cpu") -> Transformer:
+    """Our model from a Hugging Face Llama folder (ours or any single-file safetensors Llama)."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{folder}: no config.json; pass a folder written by `zagreus export` or a Hugging Face Llama model")
+    cfg = from_llama_config(json.loads(config_path.read_text()), config_path)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: no *.safetensors weights found")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    ours = {}
+    for name, tensor in state.items():
+        ours[name.removeprefix("model.")] = tensor.float()
+    if cfg.tie_embeddings:
+        ours.pop("lm_head.weight", None)
+        ours["lm_head.weight"] = ours["embed_tokens.weight"]
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device)
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{folder}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    # to_empty() left the RoPE buffer uninitialised.
+    model.inv_freq = rope_frequencies(cfg).to(device)
+    return model

@@ -1,0 +1,358 @@
+"""The YAML recipe: pydantic models of every stage's section, the one place for defaults.
+
+A recipe is strict: an unknown key, a wrong type or a missing input file ends with one line
+naming the file, the key and what is expected. Relative paths are resolved against the
+folder holding the recipe, and `$VARS` are expanded, so a recipe works from any directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from zagreus.errors import UserError
+from zagreus.model.config import ModelConfig, resolve_model_config
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --- tokenizer ------------------------------------------------------------------------------
+class TokenizerTrain(Strict):
+    vocab_size: int = Field(8192, ge=300)
+    max_chars: int = Field(20_000_000, description="characters of the training sources fed to the BPE trainer")
+
+
+class TokenizerSection(Strict):
+    kind: Literal["llama3"] | None = "llama3"
+    path: str | None = None
+    train: TokenizerTrain | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "TokenizerSection":
+        if self.path is not None or self.train is not None:
+            self.__dict__["kind"] = None
+        if sum(x is not None for x in (self.kind, self.path, self.train)) != 1:
+            raise ValueError("set exactly one of kind: llama3, path: DIR, train: {vocab_size: N}")
+        return self
+
+
+# --- data -----------------------------------------------------------------------------------
+class Source(Strict):
+    name: str
+    weight: float = Field(1.0, gt=0)
+    hub: str | None = Field(None, description="Hugging Face dataset id")
+    config: str | None = None
+    split: str = "train"
+    streaming: bool = True
+    path: str | list[str] | None = Field(None, description="local file, folder or glob(s)")
+    stdlib: bool = Field(False, description="the local Python standard library as a code source")
+    text_field: str = "text"
+    language: str | None = Field(None, description="keep only documents whose `lang` field (if any) equals this")
+    max_documents: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "Source":
+        if sum((self.hub is not None, self.path is not None, self.stdlib)) != 1:
+            raise ValueError(f"source '{self.name}': set exactly one of hub: DATASET, path: FILE_OR_GLOB, stdlib: true")
+        return self
+
+    def paths(self) -> list[str]:
+        if self.path is None:
+            return []
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class MinHashSection(Strict):
+    num_perm: int = 112
+    bands: int = 14
+    ngram: int = 5
+    threshold: float = 0.8
+
+
+class FiltersSection(Strict):
+    min_chars: int = 200
+    max_chars: int = 1_000_000
+    languages: list[str] | None = Field(None, description="ISO 639-1 codes kept by language identification")
+    language_threshold: float = 0.5
+    quality: bool = True
+    dedup: Literal["none", "exact", "minhash"] = "exact"
+    minhash: MinHashSection = MinHashSection()
+
+
+class ExecutorSection(Strict):
+    kind: Literal["local", "slurm"] = "local"
+    workers: int = Field(2, ge=1)
+    tasks: int = Field(0, ge=0, description="shards of work; 0 means one per worker")
+    partition: str | None = None
+    time: str = "24:00:00"
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: float = 2.0
+    logging_dir: str | None = None
+
+
+class DataSection(Strict):
+    sources: list[Source]
+    filters: FiltersSection = FiltersSection()
+    tokens: float | None = Field(None, gt=0, description="total token budget; None takes every document")
+    validation_fraction: float = Field(0.01, ge=0, lt=1)
+    shard_tokens: int = Field(100_000_000, ge=1000)
+    add_bos: bool = True
+    add_eos: bool = False
+    executor: ExecutorSection = ExecutorSection()
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[Source]) -> list[Source]:
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        if not sources:
+            raise ValueError("at least one source is needed")
+        return sources
+
+
+# --- model ----------------------------------------------------------------------------------
+class ModelSection(Strict):
+    preset: str | None = "zagreus-0.4b"
+    overrides: dict = Field(default_factory=dict, description="ModelConfig fields replacing the preset's")
+
+    def resolve(self, vocab_size: int | None = None) -> ModelConfig:
+        fields = dict(self.overrides)
+        if vocab_size is not None and "vocab_size" not in fields:
+            fields["vocab_size"] = vocab_size
+        return resolve_model_config(self.preset, **fields)
+
+
+# --- pretraining ----------------------------------------------------------------------------
+class OptimizerSection(Strict):
+    lr: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    decay_norms_and_embeddings: bool = False
+
+
+class ScheduleSection(Strict):
+    kind: Literal["wsd", "cosine", "constant"] = "wsd"
+    warmup: int = Field(4000, ge=0)
+    decay: int = Field(50_000, ge=0, description="wsd: steps of the final linear decay")
+    min_lr: float = 1e-7
+
+
+class ParallelSection(Strict):
+    dp_shard: int = Field(-1, description="FSDP2 degree; -1 takes every rank left by the others")
+    dp_replicate: int = 1
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    pp_microbatches: int = 0
+
+
+class CheckpointSection(Strict):
+    every: int = Field(5000, ge=1)
+    keep: int = Field(5, ge=1)
+
+
+class PretrainSection(Strict):
+    seq_len: int = 4096
+    micro_batch: int = 4
+    tokens_per_step: int | None = Field(None, description="global batch in tokens; sets gradient accumulation")
+    steps: int = 800_000
+    seed: int = 0
+    optimizer: OptimizerSection = OptimizerSection()
+    schedule: ScheduleSection = ScheduleSection()
+    parallel: ParallelSection = ParallelSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    log_every: int = 10
+    eval_every: int = 1000
+    eval_batches: int = 20
+    compile: bool = False
+    activation_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    loss_chunk: int = Field(4096, ge=1, description="tokens per chunk of the cross-entropy over the vocabulary")
+    peak_flops: float | None = Field(None, description="peak FLOP/s per device for MFU; None measures it")
+    max_bad_steps: int = Field(5, ge=1, description="non-finite steps in a row that stop the run")
+
+
+# --- evaluation -----------------------------------------------------------------------------
+class EvalSection(Strict):
+    tasks: list[str] = Field(default_factory=list)
+    num_fewshot: dict[str, int] = Field(default_factory=dict)
+    limit: int | None = None
+    batch_size: int = 16
+    data_dir: str | None = None
+
+
+# --- post-training --------------------------------------------------------------------------
+class ChatDataset(Strict):
+    name: str | None = None
+    hub: str | None = None
+    config: str | None = None
+    split: str = "train"
+    path: str | list[str] | None = None
+    format: Literal["auto", "messages", "conversation", "prompt_completion", "preference"] = "auto"
+    max_examples: int | None = None
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "ChatDataset":
+        if (self.hub is None) == (self.path is None):
+            raise ValueError("set exactly one of hub: DATASET or path: FILE_OR_GLOB")
+        return self
+
+    def paths(self) -> list[str]:
+        if self.path is None:
+            return []
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class SFTSection(Strict):
+    init: str | None = Field(None, description="checkpoint or export folder; default the run's last pretraining checkpoint")
+    datasets: list[ChatDataset] = Field(default_factory=list)
+    template: Literal["chatml", "llama3"] = "chatml"
+    packing: bool = True
+    seq_len: int = 4096
+    micro_batch: int = 4
+    epochs: int = 3
+    seed: int = 0
+    optimizer: OptimizerSection = OptimizerSection(lr=1e-3)
+    schedule: ScheduleSection = ScheduleSection(kind="cosine", warmup=100)
+    log_every: int = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class DPOSection(Strict):
+    init: str | None = Field(None, description="SFT checkpoint or export folder; default the run's SFT result")
+    datasets: list[ChatDataset] = Field(default_factory=list)
+    template: Literal["chatml", "llama3"] = "chatml"
+    beta: float = 0.1
+    seq_len: int = 2048
+    micro_batch: int = 4
+    epochs: int = 1
+    seed: int = 0
+    optimizer: OptimizerSection = OptimizerSection(lr=5e-7, weight_decay=0.0)
+    schedule: ScheduleSection = ScheduleSection(kind="cosine", warmup=10)
+    log_every: int = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+# --- the recipe -----------------------------------------------------------------------------
+class Recipe(Strict):
+    name: str
+    run_dir: str | None = Field(None, description="default runs/<name> under the current directory")
+    tokenizer: TokenizerSection = TokenizerSection()
+    data: DataSection | None = None
+    model: ModelSection = ModelSection()
+    pretrain: PretrainSection = PretrainSection()
+    eval: EvalSection = EvalSection()
+    sft: SFTSection | None = None
+    dpo: DPOSection | None = None
+
+    # Set by load_recipe: where the YAML lives, for resolving relative paths.
+    source_path: Path | None = Field(None, exclude=True)
+
+    def resolve_path(self, value: str) -> Path:
+        p = Path(os.path.expandvars(os.path.expanduser(value)))
+        if not p.is_absolute() and self.source_path is not None:
+            p = self.source_path.parent / p
+        return p
+
+    def run_path(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+
+def _location(loc: tuple) -> str:
+    return ".".join(str(x) for x in loc if not str(x).startswith("function-after"))
+
+
+def _expected(model: type[BaseModel], loc: tuple) -> str:
+    """The keys allowed where an unknown key was found, for the error line."""
+    current: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if current is None or isinstance(part, int):
+            continue
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return ""
+        ann = field.annotation
+        current = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if current is None:
+            for arg in getattr(ann, "__args__", ()):
+                inner = next((a for a in getattr(arg, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+                current = current or inner
+    if current is None:
+        return ""
+    keys = list(current.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"{hint}allowed keys: {', '.join(keys)}"
+
+
+def format_validation_error(path: Path, exc: ValidationError, model: type[BaseModel] = Recipe) -> str:
+    err = exc.errors()[0]
+    where = _location(err["loc"]) or "(top level)"
+    more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown key '{where}'; {_expected(model, err['loc'])}{more}"
+    if err["type"] == "missing":
+        return f"{path}: missing required key '{where}'{more}"
+    got = err.get("input")
+    got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    return f"{path}: key '{where}': {err['msg']}{got_text}{more}"
+
+
+def _check_inputs(recipe: Recipe, path: Path) -> None:
+    """Local files named by the recipe must exist now, not hours into a run."""
+    if recipe.tokenizer.path is not None and not recipe.resolve_path(recipe.tokenizer.path).exists():
+        raise UserError(f"{path}: key 'tokenizer.path': {recipe.tokenizer.path} does not exist; fix the path or use kind: llama3")
+    groups: list[tuple[str, list[str]]] = []
+    if recipe.data is not None:
+        groups += [(f"data.sources.{s.name}.path", s.paths()) for s in recipe.data.sources]
+    for section in ("sft", "dpo"):
+        stage = getattr(recipe, section)
+        if stage is not None:
+            groups += [(f"{section}.datasets.{i}.path", d.paths()) for i, d in enumerate(stage.datasets)]
+    for key, patterns in groups:
+        for pattern in patterns:
+            resolved = recipe.resolve_path(pattern)
+            if not glob.glob(str(resolved)):
+                raise UserError(f"{path}: key '{key}': no file matches {pattern} (looked for {resolved}); fix the path")
+
+
+def load_recipe(path: str | Path, check_inputs: bool = True) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe not found; pass the path of a YAML recipe (see recipes/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a YAML mapping with at least 'name:'")
+    try:
+        recipe = Recipe(**raw)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(path, exc)) from None
+    recipe.source_path = path.resolve()
+    if check_inputs:
+        _check_inputs(recipe, path)
+    try:
+        recipe.model.resolve()
+    except (ValidationError, ValueError) as exc:
+        raise UserError(f"{path}: key 'model': {str(exc).splitlines()[0]}") from None
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe, defaults filled in, as written into every run directory."""
+    return yaml.safe_dump(recipe.model_dump(mode="json", exclude={"source_path"}), sort_keys=False, allow_unicode=True)

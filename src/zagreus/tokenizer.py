@@ -1,0 +1,241 @@
+"""Tokenizers: the Llama-3 tokenizer offline (tiktoken), any local tokenizer.json, BPE training,
+and export to a Hugging Face `tokenizer.json` that encodes exactly like tiktoken.
+
+Documents are encoded with special-token strings treated as plain text, so a web page that
+happens to contain "<|end_of_text|>" cannot inject control tokens; chat rendering asks for
+special tokens explicitly with `encode(..., allow_special=True)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from zagreus.errors import UserError
+
+# The split pattern of Llama-3 (and of our trained tokenizers).
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+# ChatML markers live among the special tokens of the tokenizers we train; for Llama-3 they are
+# mapped onto two of its reserved special tokens (see llama3_special_tokens).
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+TRAINED_SPECIALS = [BOS, EOS, "<|pad|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", IM_START, IM_END]
+
+
+def llama3_model_path() -> Path:
+    """The Llama-3 tiktoken file shipped by the PyPI package llama-models."""
+    try:
+        import llama_models
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise UserError("the Llama-3 tokenizer needs the package llama-models: pip install llama-models") from exc
+    return Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+
+
+def llama3_special_tokens(n_base: int) -> dict[str, int]:
+    """The 256 special tokens of Llama-3, in Meta's order, with ChatML markers on two reserved slots."""
+    named = [
+        BOS, EOS, "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
+        "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>",
+    ]
+    names = named + [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(named))]
+    # Reserved slots 2 and 3 (ids 128011, 128012) carry ChatML for post-training.
+    names[names.index("<|reserved_special_token_2|>")] = IM_START
+    names[names.index("<|reserved_special_token_3|>")] = IM_END
+    return {name: n_base + i for i, name in enumerate(names)}
+
+
+class Tokenizer:
+    """One interface over a tiktoken encoding (fast, Llama-3) or a Hugging Face tokenizers model."""
+
+    def __init__(self, name: str, fingerprint: str, special_tokens: dict[str, int], *, tiktoken_enc=None, hf=None):
+        self.name = name
+        self.fingerprint = fingerprint
+        self.special_tokens = special_tokens
+        self._tt = tiktoken_enc
+        self._hf = hf
+        self.bos_id = special_tokens[BOS]
+        self.eos_id = special_tokens[EOS]
+        self._id_to_special = {v: k for k, v in special_tokens.items()}
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def from_tiktoken_file(cls, path: Path, name: str | None = None) -> "Tokenizer":
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+
+        ranks = load_tiktoken_bpe(str(path))
+        specials = llama3_special_tokens(len(ranks))
+        enc = tiktoken.Encoding(name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+        digest = hashlib.sha256(path.read_bytes() + json.dumps(specials, sort_keys=True).encode()).hexdigest()
+        return cls(name or str(path), digest[:16], specials, tiktoken_enc=enc)
+
+    @classmethod
+    def from_tokenizer_json(cls, path: Path) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        hf = HFTokenizer.from_file(str(path))
+        specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        for required in (BOS, EOS):
+            if required not in specials:
+                raise UserError(f"{path}: tokenizer has no special token {required}; add it or train with `zagreus tokenizer train`")
+        hf.encode_special_tokens = True
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return cls(str(path), digest[:16], specials, hf=hf)
+
+    # --- encoding -----------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._tt.n_vocab if self._tt is not None else self._hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
+        if self._tt is not None:
+            ids = self._tt.encode(text, allowed_special="all") if allow_special else self._tt.encode_ordinary(text)
+        else:
+            self._hf.encode_special_tokens = not allow_special
+            try:
+                ids = self._hf.encode(text, add_special_tokens=False).ids
+            finally:
+                self._hf.encode_special_tokens = True
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Special-token strings as text; multi-threaded in both backends."""
+        if self._tt is not None:
+            return self._tt.encode_ordinary_batch(list(texts))
+        return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = list(ids)
+        if self._tt is not None:
+            return self._tt.decode(ids)
+        return self._hf.decode(ids, skip_special_tokens=False)
+
+    def token_id(self, token: str) -> int:
+        if token not in self.special_tokens:
+            raise UserError(f"tokenizer {self.name} has no special token {token}")
+        return self.special_tokens[token]
+
+    # --- Hugging Face export ------------------------------------------------------------
+    def to_hf(self):
+        """A `tokenizers.Tokenizer` that encodes like this one (BOS added as in Meta's Llama-3 files)."""
+        from tokenizers import processors
+
+        if self._hf is not None:
+            hf = _clone_hf(self._hf)
+        else:
+            hf = _llama3_hf_from_tiktoken(self)
+        hf.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, self.bos_id)]
+            ),
+        ])
+        return hf
+
+    def save(self, out_dir: Path, chat_template: str | None = None, model_max_length: int = 4096) -> None:
+        """Write tokenizer.json and tokenizer_config.json loadable by transformers' AutoTokenizer."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        hf = self.to_hf()
+        hf.encode_special_tokens = False
+        (out_dir / "tokenizer.json").write_text(hf.to_str(pretty=False), encoding="utf-8")
+        pad = "<|finetune_right_pad_id|>" if "<|finetune_right_pad_id|>" in self.special_tokens else "<|pad|>"
+        cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": pad if pad in self.special_tokens else EOS,
+            "model_max_length": model_max_length,
+            "clean_up_tokenization_spaces": False,
+            "model_input_names": ["input_ids", "attention_mask"],
+            "zagreus_tokenizer": {"name": self.name, "fingerprint": self.fingerprint},
+        }
+        if chat_template is not None:
+            cfg["chat_template"] = chat_template
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    def identity(self) -> dict:
+        return {"name": self.name, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size,
+                "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+
+def _clone_hf(hf):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return HFTokenizer.from_str(hf.to_str())
+
+
+@functools.lru_cache(maxsize=4)
+def _llama3_hf_json(model_path: str, specials_json: str) -> str:
+    # Converting 128k ranks to merges takes ~2 s; cache the result per process.
+    from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    hf = TikTokenConverter(vocab_file=model_path, pattern=LLAMA3_PATTERN).converted()
+    specials = json.loads(specials_json)
+    hf.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in sorted(specials, key=specials.get)])
+    return hf.to_str()
+
+
+def _llama3_hf_from_tiktoken(tok: Tokenizer):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = tok.name if Path(tok.name).is_file() else str(llama3_model_path())
+    hf = HFTokenizer.from_str(_llama3_hf_json(path, json.dumps(tok.special_tokens)))
+    for name, idx in tok.special_tokens.items():
+        if hf.token_to_id(name) != idx:
+            raise RuntimeError(f"special token {name} got id {hf.token_to_id(name)} instead of {idx}")
+    return hf
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(spec: str = "llama3") -> Tokenizer:
+    """'llama3', a tokenizer.json / tokenizer.model file, or a folder holding one."""
+    if spec == "llama3":
+        return Tokenizer.from_tiktoken_file(llama3_model_path(), name="llama3")
+    path = Path(spec)
+    if path.is_dir():
+        for candidate in ("tokenizer.json", "tokenizer.model"):
+            if (path / candidate).is_file():
+                path = path / candidate
+                break
+        else:
+            raise UserError(f"{spec}: no tokenizer.json or tokenizer.model in this folder; pass a tokenizer file or 'llama3'")
+    if not path.is_file():
+        raise UserError(f"{spec}: tokenizer not found; pass 'llama3', a tokenizer.json, a tiktoken tokenizer.model or a folder")
+    if path.suffix == ".json":
+        return Tokenizer.from_tokenizer_json(path)
+    return Tokenizer.from_tiktoken_file(path)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path) -> Tokenizer:
+    """Byte-level BPE with the Llama-3 split pattern; writes tokenizer.json and its config."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(TRAINED_SPECIALS) + 1:
+        raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least {256 + len(TRAINED_SPECIALS) + 1}")
+    hf = HFTokenizer(models.BPE(fuse_unk=False))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=TRAINED_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / "tokenizer.json"
+    hf.save(str(raw))
+    tok = Tokenizer.from_tokenizer_json(raw)
+    tok.save(out_dir)
+    return Tokenizer.from_tokenizer_json(raw)
