@@ -45,7 +45,7 @@ def llama3_special_tokens(n_base: int) -> dict[str, int]:
         "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>",
     ]
     names = named + [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(named))]
-    # Reserved slots 2 and 3 (ids 128011, 128012) carry ChatML for post-training.
+    # Reserved slots 2 and 3 (ids 128012, 128013) carry ChatML for post-training.
     names[names.index("<|reserved_special_token_2|>")] = IM_START
     names[names.index("<|reserved_special_token_3|>")] = IM_END
     return {name: n_base + i for i, name in enumerate(names)}
