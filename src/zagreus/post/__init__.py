@@ -1,0 +1,1 @@
+"""Post-training: chat templates (chat.py), supervised fine-tuning (sft.py), DPO (dpo.py)."""
