@@ -348,8 +348,10 @@ def load_recipe(path: str | Path, check_inputs: bool = True) -> Recipe:
         _check_inputs(recipe, path)
     try:
         recipe.model.resolve()
-    except (ValidationError, ValueError) as exc:
-        raise UserError(f"{path}: key 'model': {str(exc).splitlines()[0]}") from None
+    except UserError as exc:
+        raise UserError(f"{path}: key 'model.preset': {exc}") from None
+    except ValidationError as exc:
+        raise UserError(format_validation_error(path, exc, ModelConfig).replace(": key '", ": key 'model.overrides.", 1)) from None
     return recipe
 
 

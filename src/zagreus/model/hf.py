@@ -88,24 +88,26 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def save_hf(model: Transformer, tokenizer, out_dir: Path, chat_template: str | None = None,
-            dtype: torch.dtype = torch.float32, extra_metadata: dict | None = None) -> Path:
+            dtype: torch.dtype = torch.float32) -> Path:
     """Write the export folder; the tokenizer's special ids must match the model's config."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     if tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
+    # The tokenizer is the truth for special ids: presets default to Llama-3's.
+    cfg = cfg.model_copy(update={"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id})
     config = to_llama_config(cfg)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config["zagreus_version"] = __version__
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": [cfg.eos_token_id], "do_sample": False}
     if "<|im_end|>" in tokenizer.special_tokens:
         gen["eos_token_id"].append(tokenizer.special_tokens["<|im_end|>"])
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     tensors = {k: v.to(dtype) for k, v in hf_state_dict(model).items()}
-    metadata = {"format": "pt", "producer": f"zagreus {__version__}"}
-    metadata.update({k: str(v) for k, v in (extra_metadata or {}).items()})
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata=metadata)
+    # One metadata key only: safetensors writes a map's keys in no fixed order.
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save(out_dir, chat_template=chat_template, model_max_length=cfg.max_seq_len)
     return out_dir
 

@@ -1,0 +1,77 @@
+"""Recipe validation: strict keys with one-line errors from the CLI, and the plan of `zagreus check`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zagreus.errors import UserError
+from zagreus.recipe import dump_recipe, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def zagreus(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zagreus.cli", *args], capture_output=True, text=True)
+
+
+def test_typo_in_key_is_one_line(tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("name: x\npretrain:\n  seq_len: 256\n  optimizer: {lr: 1.0e-3, wieght_decay: 0.1}\n")
+    result = zagreus("check", str(recipe))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(recipe) in lines[0]
+    assert "pretrain.optimizer.wieght_decay" in lines[0]
+    assert "did you mean 'weight_decay'" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "body,expected",
+    [
+        ("name: x\npretrain: {steps: many}\n", "key 'pretrain.steps'"),
+        ("name: x\ndata:\n  sources:\n    - {name: a, path: does-not-exist/*.jsonl}\n", "no file matches does-not-exist/*.jsonl"),
+        ("pretrain: {steps: 3}\n", "missing required key 'name'"),
+        ("name: x\nmodel: {preset: zagreus-9b}\n", "unknown model preset 'zagreus-9b'"),
+        ("name: [unclosed\n", "not valid YAML at line"),
+        ("name: x\ndata:\n  sources:\n    - {name: a, hub: some/dataset, path: x.jsonl}\n", "exactly one of hub"),
+    ],
+)
+def test_bad_recipes(tmp_path, body, expected):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(body)
+    with pytest.raises(UserError) as info:
+        load_recipe(recipe)
+    assert expected in str(info.value)
+    assert str(recipe) in str(info.value)
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert recipes, "no recipes shipped"
+    for path in recipes:
+        recipe = load_recipe(path, check_inputs=False)
+        # The dump is itself a valid recipe, defaults filled in.
+        dumped = path.parent / f".{path.stem}.resolved.yaml"
+        try:
+            dumped.write_text(dump_recipe(recipe))
+            assert load_recipe(dumped, check_inputs=False) == recipe.model_copy(update={"source_path": dumped.resolve()})
+        finally:
+            dumped.unlink()
+
+
+def test_model_info_counts():
+    result = zagreus("model", "info", "zagreus-0.4b")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["parameters"] == {"total": 437_760_960, "embedding": 123_125_760, "non_embedding": 314_635_200}
+    # 6 x (non-embedding matmul weights + tied output head) + 12 x layers x width x seq.
+    matmul = 314_635_200 - 65 * 960 + 128256 * 960
+    assert info["flops_per_token"] == 6 * matmul + 12 * 32 * 960 * 4096

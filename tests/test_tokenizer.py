@@ -1,0 +1,101 @@
+"""The Llama-3 tokenizer against tiktoken itself, its tokenizer.json export, and BPE training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+from tokenizers import Tokenizer as HFTokenizer
+from transformers import AutoTokenizer
+
+from zagreus.tokenizer import LLAMA3_PATTERN, llama3_model_path, load_tokenizer, train_bpe
+
+HARD_STRINGS = [
+    "Ciao! 👋🏽 Come stai? 🇮🇹🍕 — perché no… «citazione»",
+    "日本語のテキストと中文字符，还有한국어 문장.",
+    "Àà Èè Éé Ìì Òò Ùù Çç Ññ Ãã Õõ Œœ ß naïve façade São Paulo über",
+    "12345678901234567890 3.14159265358979 1,000,000 007 2026-11-26",
+    "a  b   c    d\n\n\n\t\tindent\r\n   \n  trailing   ",
+    "def f(x):\n    return {'k': [x ** 2 for x in range(10)]}  # comment\n",
+    "<|begin_of_text|> <|end_of_text|><|eot_id|><|im_start|>user\nhi<|im_end|>",
+    "",
+    " ",
+    "\u200b\u00a0zero-width and nbsp\ufeff",
+]
+
+
+@pytest.fixture(scope="module")
+def reference_encoding() -> tiktoken.Encoding:
+    """tiktoken built straight from Meta's file, the way llama-models does."""
+    ranks = load_tiktoken_bpe(str(llama3_model_path()))
+    return tiktoken.Encoding(name="ref", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, llama3_tokenizer):
+    out = tmp_path_factory.mktemp("llama3-export")
+    llama3_tokenizer.save(out)
+    hf = HFTokenizer.from_file(str(out / "tokenizer.json"))
+    hf.encode_special_tokens = True  # special-token strings in documents are text
+    return out, hf
+
+
+def test_llama3_layout(llama3_tokenizer):
+    tok = llama3_tokenizer
+    assert tok.vocab_size == 128256
+    assert (tok.bos_id, tok.eos_id, tok.token_id("<|eot_id|>")) == (128000, 128001, 128009)
+    assert tok.token_id("<|start_header_id|>") == 128006
+
+
+def test_hard_strings_match_tiktoken(llama3_tokenizer, reference_encoding, exported):
+    _, hf = exported
+    for text in HARD_STRINGS:
+        want = reference_encoding.encode_ordinary(text)
+        assert llama3_tokenizer.encode(text) == want, text
+        assert hf.encode(text, add_special_tokens=False).ids == want, text
+        assert llama3_tokenizer.decode(want) == text
+
+
+def test_special_tokens_when_allowed(llama3_tokenizer, exported):
+    out, _ = exported
+    text = "<|begin_of_text|><|im_start|>user\nciao<|im_end|>"
+    ids = llama3_tokenizer.encode(text, allow_special=True)
+    assert ids[:2] == [128000, 128012]
+    hf = HFTokenizer.from_file(str(out / "tokenizer.json"))
+    assert hf.encode(text, add_special_tokens=False).ids == ids
+
+
+def test_handbook_matches_tiktoken(handbook_path, reference_encoding, exported):
+    _, hf = exported
+    texts = [json.loads(line)["text"] for line in handbook_path.open(encoding="utf-8")]
+    assert len(texts) == 635
+    want = reference_encoding.encode_ordinary_batch(texts)
+    got = [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+    mismatched = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+    assert not mismatched, f"{len(mismatched)} documents differ, first {mismatched[:5]}"
+    assert sum(map(len, want)) == 1_534_252  # the count in shared/data/README.md
+
+
+def test_transformers_autotokenizer_adds_bos(exported, reference_encoding):
+    out, _ = exported
+    auto = AutoTokenizer.from_pretrained(out)
+    text = HARD_STRINGS[0]
+    assert auto(text).input_ids == [128000] + reference_encoding.encode_ordinary(text)
+    assert auto.decode(auto(text).input_ids, skip_special_tokens=True) == text
+
+
+def test_train_bpe_roundtrip(tmp_path):
+    texts = ["Il gatto dorme sul divano. The cat sleeps on the sofa. 12345"] * 50 + ["def main():\n    pass\n"] * 50
+    tok = train_bpe(texts, 400, tmp_path)
+    # This corpus runs out of pairs to merge before 400; every byte and special token is there.
+    assert 256 + 8 < tok.vocab_size <= 400
+    for text in texts[:1] + texts[-1:] + HARD_STRINGS:
+        assert tok.decode(tok.encode(text)) == text
+    # Special tokens are recognised only when asked for.
+    assert tok.encode("<|im_start|>", allow_special=True) == [tok.token_id("<|im_start|>")]
+    assert len(tok.encode("<|im_start|>")) > 1
+    reloaded = load_tokenizer(str(tmp_path))
+    assert reloaded.fingerprint == tok.fingerprint
+    assert reloaded.encode(texts[0]) == tok.encode(texts[0])
