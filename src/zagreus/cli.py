@@ -64,6 +64,17 @@ def check(recipe: Path = typer.Argument(..., help="YAML recipe")) -> None:
     log.debug("resolved recipe:\n%s", dump_recipe(r))
 
 
+@app.command()
+def run(recipe: Path = typer.Argument(..., help="YAML recipe"),
+        from_stage: Optional[str] = typer.Option(None, "--from", help="first stage to run"),
+        until: Optional[str] = typer.Option(None, help="last stage to run")) -> None:
+    """Run every stage of a recipe: data, pretrain, export, eval, sft, dpo, release."""
+    from zagreus.pipeline import run_pipeline
+    from zagreus.recipe import load_recipe
+
+    run_pipeline(load_recipe(recipe), recipe, from_stage, until)
+
+
 @model_app.command("info")
 def model_info(target: str = typer.Argument(..., help="preset name or recipe file"),
                seq_len: Optional[int] = typer.Option(None, help="sequence length for the attention FLOPs")) -> None:
@@ -144,7 +155,7 @@ def tokenizer_export(spec: str = typer.Argument("llama3", help="'llama3', a toke
 
 @app.command("export")
 def export(checkpoint: Path = typer.Argument(..., help="checkpoint folder, run directory or export folder"),
-           out: Path = typer.Option(..., help="output folder"),
+           out: Optional[Path] = typer.Option(None, help="output folder; default RUN_DIR/exports/step-N"),
            dtype: str = typer.Option("float32", help="float32 or bfloat16 weights")) -> None:
     """Write a Hugging Face folder that transformers and `lm-eval --model hf` load as-is."""
     import torch
@@ -154,9 +165,33 @@ def export(checkpoint: Path = typer.Argument(..., help="checkpoint folder, run d
 
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"--dtype {dtype}: choose float32 or bfloat16")
+    if out is None:
+        out = _default_export_dir(checkpoint)
     model, tok = load_model_and_tokenizer(checkpoint)
     save_hf(model, tok, out, dtype=getattr(torch, dtype), chat_template=_chat_template_of(checkpoint))
     typer.echo(f"wrote {out}")
+
+
+@app.command("release")
+def release_cmd(source: Path = typer.Argument(..., help="run directory, checkpoint or export folder"),
+                out: Optional[Path] = typer.Option(None, help="output folder; default RUN_DIR/release"),
+                push: Optional[str] = typer.Option(None, help="Hugging Face repo id to upload to, e.g. org/zagreus-0.4b-ita"),
+                private: bool = typer.Option(False, help="create the hub repo as private")) -> None:
+    """Write a release folder (HF export + model card from the run's records); optionally upload it."""
+    from zagreus.release import release
+
+    folder = release(source, out, push, private)
+    typer.echo(f"wrote {folder}" + (f" and uploaded it to {push}" if push else ""))
+
+
+def _default_export_dir(source: Path) -> Path:
+    from zagreus.train.checkpoint import resolve_checkpoint
+
+    if (source / "config.json").is_file():
+        raise UserError(f"{source} is already an export folder; pass --out to copy it elsewhere")
+    checkpoint = resolve_checkpoint(source)
+    # runs/<name>/checkpoints/step-N -> runs/<name>/exports/step-N
+    return checkpoint.parent.parent / "exports" / checkpoint.name
 
 
 def _chat_template_of(folder: Path) -> str | None:

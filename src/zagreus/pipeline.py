@@ -1,0 +1,64 @@
+"""`zagreus run RECIPE`: the stages of a recipe chained, each in its own process.
+
+Each stage is the same CLI verb a user would type, so a chained run and a hand-run one write
+the same files; every stage resumes or skips work already done, so rerunning `zagreus run`
+after a crash continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from zagreus.errors import UserError
+from zagreus.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+STAGES = ["data", "pretrain", "export", "eval", "sft", "dpo", "release"]
+
+
+def stage_commands(recipe: Recipe, recipe_path: Path) -> list[tuple[str, list[str]]]:
+    """(stage, CLI arguments) for every stage the recipe configures, in pipeline order."""
+    run_dir = str(recipe.run_path())
+    path = str(recipe_path)
+    commands: list[tuple[str, list[str]]] = []
+    if recipe.data is not None:
+        commands.append(("data", ["data", "tokenize", path]))
+    commands.append(("pretrain", ["pretrain", path]))
+    commands.append(("export", ["export", run_dir]))
+    if recipe.eval.tasks:
+        args = ["eval", run_dir, "--every-checkpoint", "--tasks", ",".join(recipe.eval.tasks)]
+        if recipe.eval.limit is not None:
+            args += ["--limit", str(recipe.eval.limit)]
+        if recipe.eval.data_dir is not None:
+            args += ["--data-dir", str(recipe.resolve_path(recipe.eval.data_dir))]
+        commands.append(("eval", args))
+    if recipe.sft is not None:
+        commands.append(("sft", ["sft", path]))
+    if recipe.dpo is not None:
+        commands.append(("dpo", ["dpo", path]))
+    commands.append(("release", ["release", run_dir]))
+    return commands
+
+
+def run_pipeline(recipe: Recipe, recipe_path: Path, first: str | None = None, last: str | None = None) -> None:
+    for name, label in ((first, "--from"), (last, "--until")):
+        if name is not None and name not in STAGES:
+            raise UserError(f"{label} {name}: unknown stage; choose one of {', '.join(STAGES)}")
+    lo = STAGES.index(first) if first else 0
+    hi = STAGES.index(last) if last else len(STAGES) - 1
+    selected = [(s, a) for s, a in stage_commands(recipe, recipe_path) if lo <= STAGES.index(s) <= hi]
+    for i, (stage, args) in enumerate(selected, 1):
+        log.info("[%d/%d] stage %s: zagreus %s", i, len(selected), stage, " ".join(args))
+        start = time.time()
+        result = subprocess.run([sys.executable, "-m", "zagreus.cli", *args])
+        if result.returncode != 0:
+            raise UserError(
+                f"stage '{stage}' failed (exit {result.returncode}); fix the problem above and rerun "
+                f"`zagreus run {recipe_path} --from {stage}` (finished stages are not redone)"
+            )
+        log.info("stage %s done in %.1f s", stage, time.time() - start)

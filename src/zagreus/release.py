@@ -1,0 +1,181 @@
+"""Release: an export folder with a model card (README.md) built from the run's own records,
+optionally uploaded to the Hugging Face hub.
+
+The card states only what the run directory records: the resolved recipe, the data manifest,
+the checkpoint's meta.json and the evaluation progression. Nothing is filled in by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import yaml
+
+from zagreus import __version__
+from zagreus.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LANGUAGE_NAMES = {"en": "English", "it": "Italian", "es": "Spanish", "fr": "French", "pt": "Portuguese"}
+# FineWeb-2 style configs name languages by ISO 639-3.
+ISO3_TO_1 = {"ita": "it", "spa": "es", "fra": "fr", "por": "pt", "eng": "en"}
+ENGLISH_ONLY_HUBS = {"HuggingFaceFW/fineweb", "HuggingFaceFW/fineweb-edu"}
+
+
+def _languages(recipe: dict) -> list[str]:
+    """Languages of the training data, from the sources' `language` or hub config (e.g. ita_Latn)."""
+    found: list[str] = []
+    for source in (recipe.get("data") or {}).get("sources", []):
+        code = (source.get("language") or ISO3_TO_1.get(str(source.get("config") or "").split("_")[0])
+                or ("en" if source.get("hub") in ENGLISH_ONLY_HUBS else None))
+        if code and code not in found:
+            found.append(code)
+    return found
+
+
+def _format_tokens(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def build_model_card(export_dir: Path, run_dir: Path | None, repo_id: str | None = None) -> str:
+    config = json.loads((export_dir / "config.json").read_text())
+    recipe: dict = {}
+    if run_dir is not None and (run_dir / "recipe.yaml").is_file():
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    name = repo_id or recipe.get("name") or export_dir.name
+    languages = _languages(recipe)
+    front = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "license": "apache-2.0",
+        "tags": ["zagreus", "llama", "small-language-model"],
+    }
+    if languages:
+        front["language"] = languages
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {name}", ""]
+    lang_text = " and ".join(LANGUAGE_NAMES.get(c, c) for c in languages) or "its training data"
+    lines += [f"A Llama-architecture decoder trained from scratch with zagreus {__version__} on {lang_text}.", ""]
+
+    from zagreus.model.hf import from_llama_config
+
+    cfg = from_llama_config(config, export_dir / "config.json")
+    counts = cfg.param_counts()
+    lines += ["## Model", "", "| | |", "|---|---|",
+              f"| parameters | {counts['total']:,} ({counts['non_embedding']:,} non-embedding) |",
+              f"| layers × hidden | {cfg.n_layers} × {cfg.hidden_size} |",
+              f"| attention heads / KV heads | {cfg.n_heads} / {cfg.n_kv_heads} (head dim {cfg.head_dim}) |",
+              f"| MLP (SwiGLU) | {cfg.intermediate_size} |",
+              f"| vocabulary | {cfg.vocab_size:,} |",
+              f"| context | {cfg.max_seq_len} tokens, RoPE θ {cfg.rope_theta:g} |",
+              f"| tied embeddings | {'yes' if cfg.tie_embeddings else 'no'} |", ""]
+
+    lines += _training_section(run_dir, recipe)
+    lines += _data_section(run_dir)
+    lines += _eval_section(run_dir)
+    chat = json.loads((export_dir / "tokenizer_config.json").read_text()).get("chat_template") if (export_dir / "tokenizer_config.json").is_file() else None
+    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+              f'model = AutoModelForCausalLM.from_pretrained("{name}")']
+    if chat:
+        lines += ['ids = tokenizer.apply_chat_template([{"role": "user", "content": "Ciao!"}], add_generation_prompt=True, return_tensors="pt")']
+    else:
+        lines += ['ids = tokenizer("The capital of Italy is", return_tensors="pt").input_ids']
+    lines += ["print(tokenizer.decode(model.generate(ids, max_new_tokens=40)[0]))", "```", "",
+              f"or `zagreus chat {name}` / `zagreus serve {name}` for a terminal chat and an OpenAI-compatible server.", "",
+              "## Limitations", "",
+              "A small model: it makes factual mistakes, can produce biased or offensive text, and should "
+              "not be relied on for advice. Evaluate it on your own task before use.", ""]
+    return "\n".join(lines)
+
+
+def _latest_meta(run_dir: Path | None) -> dict:
+    if run_dir is None:
+        return {}
+    from zagreus.train.checkpoint import latest_checkpoint, read_meta
+
+    latest = latest_checkpoint(run_dir)
+    return read_meta(latest) if latest is not None else {}
+
+
+def _training_section(run_dir: Path | None, recipe: dict) -> list[str]:
+    meta = _latest_meta(run_dir)
+    pre = recipe.get("pretrain") or {}
+    if not meta and not pre:
+        return []
+    out = ["## Training", ""]
+    if meta:
+        tokens = meta.get("tokens_seen")
+        out.append(f"- steps: {meta.get('step'):,}" + (f", tokens seen: {_format_tokens(tokens)}" if tokens else ""))
+        per_source = meta.get("tokens_per_source") or {}
+        if per_source:
+            out.append("- tokens per source: " + ", ".join(f"{k} {_format_tokens(v)}" for k, v in per_source.items()))
+        version = meta.get("code_version") or {}
+        if version:
+            out.append(f"- code: zagreus {version.get('version', '?')}" + (f" ({version['git']})" if version.get("git") else ""))
+    if pre:
+        opt, sched = pre.get("optimizer", {}), pre.get("schedule", {})
+        out.append(f"- sequence length {pre.get('seq_len')}, AdamW lr {opt.get('lr')} betas {opt.get('betas')} "
+                   f"weight decay {opt.get('weight_decay')}, schedule {sched.get('kind')} (warmup {sched.get('warmup')})")
+    return out + [""]
+
+
+def _data_section(run_dir: Path | None) -> list[str]:
+    manifest_path = run_dir / "data" / "manifest.json" if run_dir is not None else None
+    if manifest_path is None or not manifest_path.is_file():
+        return []
+    manifest = json.loads(manifest_path.read_text())
+    sources = manifest.get("sources", {})
+    out = ["## Data", "", "| source | documents | tokens |", "|---|---|---|"]
+    for name, info in sources.items():
+        train = info.get("train", info)
+        out.append(f"| {name} | {train.get('documents', '?'):,} | {train.get('tokens', '?'):,} |")
+    return out + [""]
+
+
+def _eval_section(run_dir: Path | None) -> list[str]:
+    progression = run_dir / "eval" / "progression.md" if run_dir is not None else None
+    if progression is None or not progression.is_file():
+        return []
+    return ["## Evaluation", "", "Scores by checkpoint (lm-evaluation-harness, `zagreus eval --every-checkpoint`):", "",
+            progression.read_text().strip(), ""]
+
+
+def release(source: Path, out: Path | None = None, push: str | None = None, private: bool = False) -> Path:
+    """Export `source` (run directory, checkpoint or export folder) into `out` with a model card."""
+    from zagreus.model.hf import save_hf
+    from zagreus.model.loading import load_model_and_tokenizer
+
+    source = Path(source)
+    is_export = (source / "config.json").is_file()
+    run_dir = None if is_export else (source if (source / "checkpoints").is_dir() else source.parent.parent)
+    out = Path(out) if out is not None else (run_dir or source.parent) / "release"
+    if is_export:
+        if out.resolve() != source.resolve():
+            shutil.copytree(source, out, dirs_exist_ok=True)
+    else:
+        model, tokenizer = load_model_and_tokenizer(source)
+        save_hf(model, tokenizer, out)
+    (out / "README.md").write_text(build_model_card(out, run_dir, push), encoding="utf-8")
+    log.info("release folder %s written", out)
+    if push:
+        _push(out, push, private)
+    return out
+
+
+def _push(folder: Path, repo_id: str, private: bool) -> None:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=f"zagreus {__version__} release")
+    except (HfHubHTTPError, OSError) as exc:
+        raise UserError(f"upload to {repo_id} failed: {exc}; check `huggingface-cli login` and the network, "
+                        f"the folder {folder} is complete and can be uploaded later") from None
