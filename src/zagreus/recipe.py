@@ -56,6 +56,7 @@ class Source(Strict):
     stdlib: bool = Field(False, description="the local Python standard library as a code source")
     text_field: str = "text"
     language: str | None = Field(None, description="keep only documents whose `lang` field (if any) equals this")
+    code: bool = Field(False, description="a code source: no language ID or prose quality rules (stdlib sources are code)")
     max_documents: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
@@ -76,6 +77,12 @@ class MinHashSection(Strict):
     ngram: int = 5
     threshold: float = 0.8
 
+    @model_validator(mode="after")
+    def _bands_divide(self) -> "MinHashSection":
+        if self.num_perm % self.bands:
+            raise ValueError(f"num_perm ({self.num_perm}) must be a multiple of bands ({self.bands})")
+        return self
+
 
 class FiltersSection(Strict):
     min_chars: int = 200
@@ -88,7 +95,8 @@ class FiltersSection(Strict):
 
 
 class ExecutorSection(Strict):
-    kind: Literal["local", "slurm"] = "local"
+    kind: Literal["local", "datatrove", "slurm"] = Field(
+        "local", description="local: our process pool; datatrove: its LocalPipelineExecutor; slurm: its SlurmPipelineExecutor")
     workers: int = Field(2, ge=1)
     tasks: int = Field(0, ge=0, description="shards of work; 0 means one per worker")
     partition: str | None = None
@@ -96,6 +104,8 @@ class ExecutorSection(Strict):
     cpus_per_task: int = 1
     mem_per_cpu_gb: float = 2.0
     logging_dir: str | None = None
+    job_name: str = "zagreus-data"
+    env_command: str | None = Field(None, description="slurm: shell line activating the environment (default: this venv)")
 
 
 class DataSection(Strict):

@@ -1,0 +1,90 @@
+"""CLI verbs of the data stage: `zagreus data tokenize` and `zagreus data stats` (typer only at import)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from zagreus.errors import UserError
+
+data_app = typer.Typer(no_args_is_help=True, help="Data: sources, filters, dedup, mixture, tokenized shards.")
+
+
+@data_app.command("tokenize")
+def tokenize(recipe: Optional[Path] = typer.Argument(None, help="YAML recipe with a data: section"),
+             input: Optional[list[str]] = typer.Option(None, "--input", help="quick form: file, folder or glob (repeatable)"),
+             out: Optional[Path] = typer.Option(None, "--out", help="quick form: output folder for shards and manifest"),
+             tokenizer: str = typer.Option("llama3", help="quick form: 'llama3' or a tokenizer file/folder"),
+             workers: int = typer.Option(2, min=1, help="quick form: worker processes"),
+             dedup: str = typer.Option("none", help="quick form: none, exact or minhash"),
+             text_field: str = typer.Option("text", help="quick form: field of jsonl/parquet records holding the text"),
+             dry_run: bool = typer.Option(False, "--dry-run", help="print the Slurm jobs instead of submitting them"),
+             progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")) -> None:
+    """Filter, deduplicate, mix and tokenize into datatrove shards (+ manifest.json)."""
+    from zagreus.data import stage
+
+    if recipe is not None:
+        if input or out:
+            raise UserError("pass either a RECIPE or --input/--out (the quick form), not both")
+        from zagreus.recipe import load_recipe
+
+        result = stage.tokenize_recipe(load_recipe(recipe), dry_run=dry_run, show_progress=progress)
+        out_dir = load_recipe(recipe).run_path() / "data"
+    else:
+        if not input or out is None:
+            raise UserError("give a RECIPE, or the quick form --input PATH_OR_GLOB... --out DIR")
+        if dedup not in ("none", "exact", "minhash"):
+            raise UserError(f"--dedup {dedup}: choose none, exact or minhash")
+        from zagreus.recipe import TokenizerSection
+
+        section = TokenizerSection(kind="llama3") if tokenizer == "llama3" else TokenizerSection(path=tokenizer)
+        data = stage.quick_data_section(input, workers, dedup=dedup, text_field=text_field)
+        result = stage.tokenize_data(data, out, section, dry_run=dry_run, show_progress=progress)
+        out_dir = out
+    if isinstance(result, list):
+        for script in result:
+            typer.echo(script)
+        return
+    typer.echo(f"wrote {out_dir}: {result['totals']['train']['tokens']:,} train + {result['totals']['val']['tokens']:,} val tokens")
+
+
+@data_app.command("stats")
+def stats(folder: Path = typer.Argument(..., help="data folder (holding manifest.json) or run directory")) -> None:
+    """Print a data folder's manifest as a table: documents, characters, tokens per source and split."""
+    path = folder / "manifest.json"
+    if not path.is_file() and (folder / "data" / "manifest.json").is_file():
+        path = folder / "data" / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"{folder}: no manifest.json; run `zagreus data tokenize` first (an unfinished run has none)")
+    typer.echo(format_manifest(json.loads(path.read_text())))
+
+
+def format_manifest(m: dict) -> str:
+    """A fixed-width table of a manifest (also used by tests)."""
+    head = f"{'source':<14} {'split':<5} {'weight':>7} {'docs':>10} {'chars':>14} {'tokens':>14} {'shards':>6}"
+    lines = [f"tokenizer {m['tokenizer']['name']} (hash {m['tokenizer']['hash']}, vocab {m['tokenizer']['vocab_size']:,}, "
+             f"{m['token_dtype']}); bos={m['policy']['add_bos']} eos={m['policy']['add_eos']}", head, "-" * len(head)]
+    for name, s in m["sources"].items():
+        for split in ("train", "val"):
+            t = s[split]
+            lines.append(f"{name:<14} {split:<5} {s['weight']:>7.3f} {t['docs']:>10,} {t['chars']:>14,} "
+                         f"{t['tokens']:>14,} {len(t['shards']):>6}")
+    for split in ("train", "val"):
+        t = m["totals"][split]
+        lines.append(f"{'total':<14} {split:<5} {'':>7} {t['docs']:>10,} {t['chars']:>14,} {t['tokens']:>14,}")
+    removed = []
+    for name, s in m["sources"].items():
+        parts = [f"{k} {v['docs']:,} docs/{v['chars']:,} chars" for k, v in s["filters"].items()]
+        parts += [f"{k} {v:,}" for k, v in s["skipped"].items()]
+        if parts:
+            removed.append(f"  {name}: " + ", ".join(parts))
+    if removed:
+        lines += ["removed / skipped:"] + removed
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(data_app, name="data")

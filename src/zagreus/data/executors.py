@@ -1,0 +1,101 @@
+"""The tokenize stage on datatrove's executors (LocalPipelineExecutor, SlurmPipelineExecutor).
+
+Two datatrove pipeline steps wrap our phases: `TokenizeUnits` (task `rank` of `world` processes
+the work units rank, rank + world, ... — round-robin over the fixed plan, so the output does not
+depend on the number of tasks) and `FinalizeShards` (one task: dedup, budget, shards, manifest).
+On Slurm they become two job arrays, the second depending on the first. `--dry-run` goes through
+datatrove's real launch path with `sbatch` replaced by printing, so what is shown is exactly what
+would be submitted.
+
+Datatrove's local executor starts its workers with `forkserver`, which re-imports the main
+module: a script driving it needs an `if __name__ == "__main__":` guard (the CLI has one).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from unittest import mock
+
+from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+from datatrove.pipeline.base import PipelineStep
+
+from zagreus.data.pipeline import Plan, UnitProcessor, finalize
+from zagreus.recipe import ExecutorSection
+
+
+class TokenizeUnits(PipelineStep):
+    """Phase 2 for one datatrove task."""
+
+    name = "zagreus tokenize units"
+    type = "Tokenizer"
+
+    def __init__(self, data_dir: str, plan_hash: str):
+        super().__init__()
+        self.data_dir, self.plan_hash = data_dir, plan_hash
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        processor = UnitProcessor(Plan.load(Path(self.data_dir), self.plan_hash))
+        processor.run_ranks(rank, world_size)
+        return None
+
+
+class FinalizeShards(PipelineStep):
+    """Phase 3 (a single task)."""
+
+    name = "zagreus finalize shards"
+    type = "Writer"
+
+    def __init__(self, data_dir: str, plan_hash: str):
+        super().__init__()
+        self.data_dir, self.plan_hash = data_dir, plan_hash
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        finalize(Plan.load(Path(self.data_dir), self.plan_hash))
+        return None
+
+
+def _tasks(cfg: ExecutorSection) -> int:
+    return cfg.tasks or cfg.workers
+
+
+def run_datatrove_local(plan: Plan, cfg: ExecutorSection, logging_dir: Path) -> None:
+    """Units under LocalPipelineExecutor; finalize in this process (it is one task anyway)."""
+    # Unit files are our completion markers; datatrove's per-rank markers would wrongly skip a
+    # rank after the number of tasks changed, so they are not used.
+    executor = LocalPipelineExecutor([TokenizeUnits(str(plan.data_dir), plan.hash)], tasks=_tasks(cfg),
+                                     workers=cfg.workers, logging_dir=str(logging_dir / "units"), skip_completed=False)
+    executor.run()
+
+
+def slurm_executors(plan: Plan, cfg: ExecutorSection, logging_dir: Path) -> tuple[SlurmPipelineExecutor, SlurmPipelineExecutor]:
+    if not cfg.partition:
+        raise ValueError("data.executor.partition is required for kind: slurm")
+    env = cfg.env_command or f"source {Path(sys.prefix) / 'bin' / 'activate'}"
+    common = dict(time=cfg.time, partition=cfg.partition, cpus_per_task=cfg.cpus_per_task,
+                  mem_per_cpu_gb=cfg.mem_per_cpu_gb, env_command=env, skip_completed=True)
+    units = SlurmPipelineExecutor([TokenizeUnits(str(plan.data_dir), plan.hash)], tasks=_tasks(cfg),
+                                  workers=cfg.workers, job_name=f"{cfg.job_name}-units",
+                                  logging_dir=str(logging_dir / "units"), **common)
+    final = SlurmPipelineExecutor([FinalizeShards(str(plan.data_dir), plan.hash)], tasks=1,
+                                  job_name=f"{cfg.job_name}-finalize", depends=units,
+                                  logging_dir=str(logging_dir / "finalize"), **common)
+    return units, final
+
+
+def launch_slurm(plan: Plan, cfg: ExecutorSection, logging_dir: Path, dry_run: bool) -> list[str]:
+    """Submit (or, dry-run, only render) the two Slurm jobs; returns the sbatch scripts."""
+    _, final = slurm_executors(plan, cfg, logging_dir)
+    scripts: list[str] = []
+    if not dry_run:
+        final.run()
+        return scripts
+
+    def fake_sbatch(contents: str, job_id_retriever, *args) -> str:
+        flags = " ".join(args)
+        scripts.append(f"# sbatch {flags}\n{contents}".rstrip() + "\n")
+        return str(1000 + len(scripts))  # a stand-in job id so the dependency line is rendered
+
+    with mock.patch("datatrove.executor.slurm.launch_slurm_job", fake_sbatch):
+        final.run()
+    return scripts

@@ -1,0 +1,493 @@
+"""The tokenize stage: plan work units, process them in parallel, merge into shards + manifest.
+
+Three phases, each restartable:
+
+1. plan (one process): resolve the tokenizer (training the BPE first when the recipe asks for
+   one), split every source into deterministic work units (`sources.plan_source`), write
+   `.work/<plan hash>/plan.json`. The hash covers the data section (executor excluded), the
+   tokenizer identity and the inputs' sizes and mtimes, so a changed input never reuses stale work.
+2. units (any number of processes, any executor): read -> filter (length, language, quality) ->
+   tokenize -> dedup keys, written per unit to `units/NNNNN.npz` through an atomic rename; the
+   file's presence is the completion marker, so a killed run redoes only unfinished units.
+3. finalize (one process): walk the units in plan order, apply exact and MinHash dedup, the
+   per-source token budget and the validation split, write the shards, then manifest.json
+   last (atomically). It rewrites every shard from the unit files, so its output depends only
+   on the plan: byte-identical whatever the number of workers and however often it was killed.
+
+BOS/EOS policy: every document is written as [BOS] + ids (+ [EOS]) with recipe `add_bos`
+(default true, Llama-3's `<|begin_of_text|>` before each document) and `add_eos` (default
+false): the next document's BOS already marks the boundary. Special-token strings inside
+documents are encoded as plain text. The token budget counts these BOS/EOS tokens.
+
+Budget: source i gets `tokens * weight_i / sum(weights)` tokens (train + val), filled with
+documents in plan order; the document that crosses the budget is still taken whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from zagreus.data import shards
+from zagreus.data.filters import LanguageFilter, MinHasher, NearDupIndex, is_validation, length_ok, quality_reason, text_digest
+from zagreus.data.sources import Doc, Skip, WorkUnit, input_signature, plan_source, read_unit
+from zagreus.errors import UserError
+from zagreus.recipe import DataSection, Source
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+BATCH_CHARS = 2 << 20        # characters per tokenizer batch
+BAD_EXAMPLES = 5             # file:line cases shown in the warning
+BUDGET_MARGIN = 1.25         # workers skip units once earlier ones hold this much of the budget
+
+
+@dataclass
+class Plan:
+    """Everything a worker needs, as written to plan.json."""
+
+    hash: str
+    data_dir: Path
+    tokenizer: str                  # spec for load_tokenizer ('llama3' or a path)
+    data: DataSection
+    units: list[WorkUnit]
+    origins: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def work_dir(self) -> Path:
+        return self.data_dir / ".work" / self.hash
+
+    def unit_path(self, unit: WorkUnit) -> Path:
+        return self.work_dir / "units" / f"{unit.index:05d}.npz"
+
+    def source(self, name: str) -> Source:
+        return next(s for s in self.data.sources if s.name == name)
+
+    def budgets(self) -> dict[str, int | None]:
+        total = sum(s.weight for s in self.data.sources)
+        if self.data.tokens is None:
+            return {s.name: None for s in self.data.sources}
+        return {s.name: int(self.data.tokens * s.weight / total) for s in self.data.sources}
+
+    def to_json(self) -> dict:
+        return {"hash": self.hash, "tokenizer": self.tokenizer, "data": self.data.model_dump(mode="json"),
+                "units": [u.to_json() for u in self.units], "origins": self.origins}
+
+    @classmethod
+    def from_json(cls, raw: dict, data_dir: Path) -> "Plan":
+        return cls(raw["hash"], Path(data_dir), raw["tokenizer"], DataSection(**raw["data"]),
+                   [WorkUnit.from_json(u) for u in raw["units"]], raw["origins"])
+
+    @classmethod
+    def load(cls, data_dir: Path, plan_hash: str) -> "Plan":
+        return cls.from_json(json.loads((Path(data_dir) / ".work" / plan_hash / "plan.json").read_text()), data_dir)
+
+    def save(self) -> None:
+        self.work_dir.joinpath("units").mkdir(parents=True, exist_ok=True)
+        if not (self.work_dir / "plan.json").is_file():
+            _atomic_write(self.work_dir / "plan.json", json.dumps(self.to_json(), indent=1).encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# --- phase 1: plan --------------------------------------------------------------------------
+def plan_units(data: DataSection, resolve: Callable[[str], Path] = Path) -> tuple[list[WorkUnit], dict[str, str]]:
+    units: list[WorkUnit] = []
+    origins = {}
+    for s in data.sources:
+        units += plan_source(s, len(units), resolve)
+        origins[s.name] = s.hub or ("python stdlib" if s.stdlib else ", ".join(s.paths()))
+    return units, origins
+
+
+def make_plan(data: DataSection, data_dir: Path, tokenizer_spec: str, identity: dict,
+              units: list[WorkUnit], origins: dict[str, str]) -> Plan:
+    key = {"data": data.model_dump(mode="json", exclude={"executor"}), "tokenizer": identity,
+           "units": [u.to_json() for u in units], "inputs": input_signature(units)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Plan(digest, Path(data_dir), tokenizer_spec, data, units, origins)
+
+
+# --- phase 2: work units --------------------------------------------------------------------
+class UnitProcessor:
+    """Reads, filters and tokenizes work units; one per process (holds the tokenizer and filters)."""
+
+    def __init__(self, plan: Plan):
+        from zagreus.tokenizer import load_tokenizer
+
+        self.plan = plan
+        self.tok = load_tokenizer(plan.tokenizer)
+        self.dtype = shards.token_dtype(self.tok.vocab_size)
+        f = plan.data.filters
+        self.minhash = MinHasher(f.minhash.num_perm, f.minhash.ngram) if f.dedup == "minhash" else None
+        self._lang: dict[str, LanguageFilter | None] = {}
+
+    def _language_filter(self, source: Source) -> LanguageFilter | None:
+        if source.name not in self._lang:
+            f = self.plan.data.filters
+            allowed = [source.language] if source.language else f.languages
+            use = f.languages is not None and not source.code and not source.stdlib
+            self._lang[source.name] = LanguageFilter(allowed, f.language_threshold) if use and allowed else None
+        return self._lang[source.name]
+
+    def done(self, unit: WorkUnit) -> bool:
+        return self.plan.unit_path(unit).is_file()
+
+    def over_budget(self, unit: WorkUnit) -> bool:
+        """True when finished earlier units of the source already hold the budget with margin.
+
+        Only an optimisation: finalize processes any unit it turns out to need, so skipping
+        here never changes the output.
+        """
+        budget = self.plan.budgets()[unit.source]
+        if budget is None:
+            return False
+        have = 0
+        for u in self.plan.units:
+            if u.index >= unit.index:
+                break
+            if u.source == unit.source and self.done(u):
+                have += int(json.loads(self.plan.unit_path(u).with_suffix(".json").read_text())["tokens"])
+        return have >= budget * BUDGET_MARGIN
+
+    def process(self, unit: WorkUnit, progress: Callable[[int, int, int], None] | None = None) -> None:
+        source = self.plan.source(unit.source)
+        f = self.plan.data.filters
+        lang = self._language_filter(source)
+        prose = not source.code and not source.stdlib
+        skipped: Counter = Counter()
+        removed: dict[str, list[int]] = {}
+        rules: Counter = Counter()
+        bad: list[str] = []
+        read_docs = read_chars = 0
+        tokens: list[np.ndarray] = []
+        lengths: list[int] = []
+        chars: list[int] = []
+        keys: list[int] = []
+        val: list[bool] = []
+        sigs: list[np.ndarray] = []
+        batch: list[str] = []
+        batch_chars = 0
+        bos = [self.tok.bos_id] if self.plan.data.add_bos else []
+        eos = [self.tok.eos_id] if self.plan.data.add_eos else []
+
+        def drop(name: str, text: str) -> None:
+            entry = removed.setdefault(name, [0, 0])
+            entry[0] += 1
+            entry[1] += len(text)
+
+        def flush() -> None:
+            nonlocal batch, batch_chars
+            if not batch:
+                return
+            for text, ids in zip(batch, self.tok.encode_batch(batch)):
+                arr = np.asarray(bos + ids + eos, dtype=self.dtype)
+                tokens.append(arr)
+                lengths.append(len(arr))
+                chars.append(len(text))
+                dkey, skey = text_digest(text)
+                keys.append(dkey)
+                val.append(is_validation(skey, self.plan.data.validation_fraction))
+                if self.minhash is not None:
+                    sigs.append(self.minhash.signature(np.asarray(ids, dtype=np.uint64)))
+            if progress:
+                progress(len(batch), int(sum(lengths[-len(batch):])), batch_chars)
+            batch, batch_chars = [], 0
+
+        for item in read_unit(unit, source):
+            if isinstance(item, Skip):
+                skipped[item.reason] += 1
+                if len(bad) < BAD_EXAMPLES:
+                    bad.append(f"{item.where} ({item.reason})")
+                continue
+            text = item.text
+            read_docs += 1
+            read_chars += len(text)
+            if not length_ok(text, f.min_chars, f.max_chars):
+                drop("length", text)
+                continue
+            if lang is not None and not lang.keep(text):
+                drop("language", text)
+                continue
+            if prose and f.quality:
+                rule = quality_reason(text)
+                if rule is not None:
+                    drop("quality", text)
+                    rules[rule] += 1
+                    continue
+            batch.append(text)
+            batch_chars += len(text)
+            if batch_chars >= BATCH_CHARS:
+                flush()
+        flush()
+
+        ends = np.cumsum(np.asarray(lengths, dtype=np.uint64)) if lengths else np.zeros(0, np.uint64)
+        summary = {"unit": unit.index, "read": [read_docs, read_chars], "skipped": dict(sorted(skipped.items())),
+                   "removed": dict(sorted(removed.items())), "quality_rules": dict(sorted(rules.items())),
+                   "bad": bad, "docs": len(lengths), "tokens": int(ends[-1]) if len(ends) else 0}
+        path = self.plan.unit_path(unit)
+        _atomic_write(path.with_suffix(".json"), json.dumps(summary).encode())
+        tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
+        np.savez(tmp, tokens=np.concatenate(tokens) if tokens else np.zeros(0, self.dtype), ends=ends,
+                 chars=np.asarray(chars, dtype=np.uint64), keys=np.asarray(keys, dtype=np.uint64),
+                 val=np.asarray(val, dtype=bool),
+                 sigs=np.stack(sigs) if sigs else np.zeros((0, 0), np.uint32))
+        os.replace(tmp, path)  # the unit's completion marker
+
+    def run_ranks(self, rank: int, world: int, progress=None) -> None:
+        """Round-robin share of a datatrove task: units rank, rank + world, ..."""
+        for unit in self.plan.units[rank::world]:
+            if not self.done(unit) and not self.over_budget(unit):
+                self.process(unit, progress)
+
+
+# --- phase 3: finalize ----------------------------------------------------------------------
+class _SplitWriter:
+    """The rolling shards of one (split, source) folder."""
+
+    def __init__(self, folder: Path, rel: str, tok_name: str, vocab_size: int, shard_tokens: int):
+        self.folder, self.rel = folder, rel
+        self.tok_name, self.vocab_size, self.shard_tokens = tok_name, vocab_size, shard_tokens
+        self.writer: shards.ShardWriter | None = None
+        self.shards: list[dict] = []
+        self.docs = self.chars = self.tokens = 0
+
+    def write(self, ids: np.ndarray, chars: int) -> None:
+        if self.writer is not None and self.writer.tokens and self.writer.tokens + len(ids) > self.shard_tokens:
+            self.close()
+        if self.writer is None:
+            name = f"{len(self.shards):05d}.ds"
+            self.writer = shards.ShardWriter(self.folder / name, self.tok_name, self.vocab_size)
+            self.shards.append({"file": f"{self.rel}/{name}", "docs": 0, "chars": 0, "tokens": 0})
+        self.writer.write(ids)
+        s = self.shards[-1]
+        s["docs"] += 1
+        s["chars"] += chars
+        s["tokens"] += len(ids)
+        self.docs += 1
+        self.chars += chars
+        self.tokens += len(ids)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def summary(self) -> dict:
+        return {"docs": self.docs, "chars": self.chars, "tokens": self.tokens, "shards": self.shards}
+
+
+def _add(counter: dict, name: str, docs: int, chars: int) -> None:
+    entry = counter.setdefault(name, {"docs": 0, "chars": 0})
+    entry["docs"] += docs
+    entry["chars"] += chars
+
+
+def finalize(plan: Plan, processor: UnitProcessor | None = None, progress: Callable[[int], None] | None = None) -> dict:
+    """Dedup, budget, split and write shards + manifest from the unit files (processing missing units)."""
+    from zagreus.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(plan.tokenizer)
+    data = plan.data
+    f = data.filters
+    for split in ("train", "val"):  # a killed finalize may have left shards; they are rewritten
+        shutil.rmtree(plan.data_dir / split, ignore_errors=True)
+    exact: set[int] = set()
+    near = NearDupIndex(f.minhash.num_perm, f.minhash.bands, f.minhash.threshold) if f.dedup == "minhash" else None
+    budgets = plan.budgets()
+    total_w = sum(s.weight for s in data.sources)
+    manifest_sources: dict[str, dict] = {}
+    bad_all: list[str] = []
+    skipped_all: Counter = Counter()
+
+    for source in data.sources:
+        units = [u for u in plan.units if u.source == source.name]
+        writers = {split: _SplitWriter(plan.data_dir / split / source.name, f"{split}/{source.name}", tok.name,
+                                       tok.vocab_size, data.shard_tokens) for split in ("train", "val")}
+        budget = budgets[source.name]
+        skipped: Counter = Counter()
+        removed: dict[str, dict] = {}
+        rules: Counter = Counter()
+        read = [0, 0]
+        taken_tokens = taken_docs = used = 0
+        for unit in units:
+            if (budget is not None and taken_tokens >= budget) or (
+                    source.max_documents is not None and taken_docs >= source.max_documents):
+                break
+            if not plan.unit_path(unit).is_file():
+                processor = processor or UnitProcessor(plan)
+                processor.process(unit)
+            used += 1
+            summary = json.loads(plan.unit_path(unit).with_suffix(".json").read_text())
+            read[0] += summary["read"][0]
+            read[1] += summary["read"][1]
+            skipped.update(summary["skipped"])
+            rules.update(summary["quality_rules"])
+            for name, (d, c) in summary["removed"].items():
+                _add(removed, name, d, c)
+            bad_all += summary["bad"]
+            with np.load(plan.unit_path(unit)) as z:
+                toks, ends, chars, keys, val, sigs = (z[k] for k in ("tokens", "ends", "chars", "keys", "val", "sigs"))
+            starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+            for i in range(len(ends)):
+                n_chars = int(chars[i])
+                full = (budget is not None and taken_tokens >= budget) or (
+                    source.max_documents is not None and taken_docs >= source.max_documents)
+                if full:
+                    _add(removed, "budget", 1, n_chars)
+                    continue
+                if f.dedup != "none":
+                    key = int(keys[i])
+                    if key in exact:
+                        _add(removed, "exact_dedup", 1, n_chars)
+                        continue
+                    exact.add(key)
+                if near is not None and near.check_add(sigs[i]):
+                    _add(removed, "minhash_dedup", 1, n_chars)
+                    continue
+                ids = toks[starts[i]:int(ends[i])]
+                writers["val" if val[i] else "train"].write(ids, n_chars)
+                taken_tokens += len(ids)
+                taken_docs += 1
+            if progress:
+                progress(1)
+        for w in writers.values():
+            w.close()
+        skipped_all.update(skipped)
+        removed_out = {k: removed[k] for k in ("length", "language", "quality", "exact_dedup", "minhash_dedup", "budget")
+                       if k in removed}
+        if "quality" in removed_out:
+            removed_out["quality"]["rules"] = dict(sorted(rules.items()))
+        manifest_sources[source.name] = {
+            "origin": plan.origins[source.name],
+            "weight": source.weight / total_w,
+            "budget_tokens": budget,
+            "units": {"total": len(units), "used": used},
+            "read": {"docs": read[0], "chars": read[1]},
+            "skipped": dict(sorted(skipped.items())),
+            "filters": removed_out,
+            "train": writers["train"].summary(),
+            "val": writers["val"].summary(),
+        }
+
+    identity = tok.identity()
+    shards.write_identity(plan.data_dir, identity)
+    totals = {split: {k: sum(s[split][k] for s in manifest_sources.values()) for k in ("docs", "chars", "tokens")}
+              for split in ("train", "val")}
+    manifest = {
+        "format": "datatrove",
+        "plan": plan.hash,
+        "tokenizer": {**identity, "hash": identity["fingerprint"]},
+        "token_dtype": shards.token_dtype(tok.vocab_size).name,
+        "policy": {"add_bos": data.add_bos, "add_eos": data.add_eos, "validation_fraction": data.validation_fraction,
+                   "shard_tokens": data.shard_tokens, "tokens": data.tokens},
+        "filters": f.model_dump(mode="json"),
+        "totals": {**totals, "skipped": dict(sorted(skipped_all.items()))},
+        "skipped_examples": bad_all[:BAD_EXAMPLES],
+        "sources": manifest_sources,
+    }
+    _atomic_write(plan.data_dir / MANIFEST, (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode())
+    if skipped_all:
+        log.warning("skipped %d bad record(s) (%s); first: %s", sum(skipped_all.values()),
+                    ", ".join(f"{k}: {v}" for k, v in sorted(skipped_all.items())), "; ".join(bad_all[:BAD_EXAMPLES]))
+    shutil.rmtree(plan.data_dir / ".work", ignore_errors=True)
+    return manifest
+
+
+# --- local parallel run ---------------------------------------------------------------------
+_worker: UnitProcessor | None = None
+_queue = None
+
+
+def _init_worker(plan_json: dict, data_dir: str, queue) -> None:
+    global _worker, _queue
+    _worker, _queue = UnitProcessor(Plan.from_json(plan_json, Path(data_dir))), queue
+
+
+def _run_unit(index: int) -> int:
+    unit = _worker.plan.units[index]
+    if not _worker.over_budget(unit):
+        _worker.process(unit, lambda d, t, c: _queue.put((d, t, c)))
+    return index
+
+
+class _Progress:
+    """tqdm over input bytes, with documents/s and tokens/s in the postfix."""
+
+    def __init__(self, total_bytes: int, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, mininterval=0.5)
+        self.docs = self.tokens = 0
+        self.t0 = time.perf_counter()
+
+    def update(self, docs: int, tokens: int, nbytes: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt / 1e6:.2f}M tokens/s", refresh=False)
+        self.bar.update(nbytes)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_local(plan: Plan, workers: int, show_progress: bool = True) -> None:
+    """Process the plan's missing units on a pool of `workers` processes (dynamic assignment)."""
+    import multiprocessing as mp
+
+    todo = [u for u in plan.units if not plan.unit_path(u).is_file()]
+    if not todo:
+        return
+    bar = _Progress(sum(u.size for u in todo), "tokenize") if show_progress else None
+    update = bar.update if bar else (lambda d, t, c: None)
+    try:
+        if workers <= 1:
+            proc = UnitProcessor(plan)
+            for unit in todo:
+                if not proc.over_budget(unit):
+                    proc.process(unit, update)
+            return
+        ctx = mp.get_context("fork")
+        queue = ctx.Queue()
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(plan.to_json(), str(plan.data_dir), queue)) as pool:
+            pending = pool.map_async(_run_unit, [u.index for u in todo], chunksize=1)
+            while not pending.ready() or not queue.empty():
+                try:
+                    update(*queue.get(timeout=0.2))
+                except Exception:  # queue.Empty: nothing reported in the last 0.2 s
+                    pass
+            pending.get()  # re-raise a worker's exception here
+    finally:
+        if bar:
+            bar.close()
+
+
+def iter_unit_texts(data: DataSection, units: list[WorkUnit], max_chars: int) -> Iterator[str]:
+    """Raw documents of the sources in plan order, each source capped at its weight's share of `max_chars`."""
+    total_w = sum(s.weight for s in data.sources)
+    for source in data.sources:
+        cap, seen = max_chars * source.weight / total_w, 0
+        for unit in (u for u in units if u.source == source.name):
+            for item in read_unit(unit, source):
+                if isinstance(item, Doc):
+                    seen += len(item.text)
+                    yield item.text
+                    if seen >= cap:
+                        break
+            if seen >= cap:
+                break

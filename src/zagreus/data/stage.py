@@ -1,0 +1,119 @@
+"""`zagreus data tokenize`: from a recipe (or the quick form) to shards, manifest and tokenizer folder.
+
+Owns the order of the stage — tokenizer (loaded, or trained on the sources' text), plan, work
+units on the chosen executor, finalize — and the rules for an output folder that already holds
+data: the same plan resumes or returns the finished manifest, another plan is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from zagreus.data import pipeline, shards
+from zagreus.errors import UserError
+from zagreus.recipe import DataSection, Recipe, TokenizerSection
+
+log = logging.getLogger(__name__)
+
+TRAINED_MARKER = ".zagreus-trained"
+
+
+def _tokenizer(section: TokenizerSection, tokenizer_dir: Path | None, data: DataSection, units, resolve):
+    """(spec for workers, Tokenizer); trains the BPE once, saves the run's tokenizer folder."""
+    from zagreus.tokenizer import load_tokenizer, train_bpe
+
+    if section.train is not None:
+        if tokenizer_dir is None:
+            raise UserError("tokenizer: {train: ...} needs a run directory; use a recipe, not the quick form")
+        if not (tokenizer_dir / TRAINED_MARKER).is_file():
+            # A folder without the marker is a training that was killed: start it again.
+            shutil.rmtree(tokenizer_dir, ignore_errors=True)
+            log.info("training a %d-token BPE on up to %d characters of the sources", section.train.vocab_size,
+                     section.train.max_chars)
+            train_bpe(pipeline.iter_unit_texts(data, units, section.train.max_chars), section.train.vocab_size,
+                      tokenizer_dir)
+            (tokenizer_dir / TRAINED_MARKER).write_text("")
+        spec = str(tokenizer_dir)
+        return spec, load_tokenizer(spec)
+    spec = "llama3" if section.kind == "llama3" else str(resolve(section.path))
+    tok = load_tokenizer(spec)
+    if tokenizer_dir is not None and not (tokenizer_dir / "tokenizer_config.json").is_file():
+        tmp = tokenizer_dir.with_name(tokenizer_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save(tmp)
+        tmp.rename(tokenizer_dir)
+    return spec, tok
+
+
+def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection, *,
+                  tokenizer_dir: Path | None = None, resolve: Callable[[str], Path] = Path,
+                  dry_run: bool = False, show_progress: bool = True) -> dict | list[str]:
+    """Run the stage; returns the manifest, or with `dry_run` on Slurm the sbatch scripts."""
+    data_dir = Path(data_dir)
+    units, origins = pipeline.plan_units(data, resolve)
+    spec, tok = _tokenizer(tokenizer, tokenizer_dir, data, units, resolve)
+    plan = pipeline.make_plan(data, data_dir, spec, tok.identity(), units, origins)
+    manifest_path = data_dir / pipeline.MANIFEST
+    if manifest_path.is_file():
+        done = json.loads(manifest_path.read_text())
+        if done.get("plan") == plan.hash:
+            shutil.rmtree(data_dir / ".work", ignore_errors=True)
+            log.info("%s is complete (plan %s); nothing to do", data_dir, plan.hash)
+            return done
+        raise UserError(f"{data_dir} already holds shards of another plan (inputs, filters or tokenizer changed); "
+                        "remove the folder or write to another one")
+    plan.save()
+    cfg = data.executor
+    logging_dir = Path(resolve(cfg.logging_dir)) if cfg.logging_dir else data_dir / "logs"
+    log.info("plan %s: %d work units from %d source(s), tokenizer %s", plan.hash, len(units), len(data.sources), tok.name)
+    if cfg.kind == "slurm":
+        from zagreus.data.executors import launch_slurm
+
+        try:
+            return launch_slurm(plan, cfg, logging_dir, dry_run)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    if dry_run:
+        raise UserError("--dry-run shows the Slurm job; set data.executor.kind: slurm in the recipe")
+    if cfg.kind == "datatrove":
+        from zagreus.data.executors import run_datatrove_local
+
+        run_datatrove_local(plan, cfg, logging_dir)
+    else:
+        pipeline.run_local(plan, cfg.workers, show_progress)
+    manifest = pipeline.finalize(plan)
+    log.info("wrote %s: %s train tokens, %s val tokens", data_dir, f"{manifest['totals']['train']['tokens']:,}",
+             f"{manifest['totals']['val']['tokens']:,}")
+    return manifest
+
+
+def tokenize_recipe(recipe: Recipe, dry_run: bool = False, show_progress: bool = True) -> dict | list[str]:
+    if recipe.data is None:
+        raise UserError(f"{recipe.source_path}: the recipe has no 'data:' section to tokenize")
+    run = recipe.run_path()
+    return tokenize_data(recipe.data, run / "data", recipe.tokenizer, tokenizer_dir=run / "tokenizer",
+                         resolve=lambda p: recipe.resolve_path(p), dry_run=dry_run, show_progress=show_progress)
+
+
+def quick_data_section(inputs: list[str], workers: int, dedup: str = "none", validation_fraction: float = 0.0,
+                       text_field: str = "text", shard_tokens: int = 100_000_000) -> DataSection:
+    """The quick form: every input in one source 'input', tokenization only unless asked for more."""
+    return DataSection(
+        sources=[{"name": "input", "path": list(inputs), "text_field": text_field}],
+        filters={"min_chars": 1, "quality": False, "dedup": dedup},
+        validation_fraction=validation_fraction, shard_tokens=shard_tokens,
+        executor={"kind": "local", "workers": workers},
+    )
+
+
+def check_shards(data_dir: Path, tokenizer_spec: str) -> dict:
+    """The manifest of a shard folder, after refusing it if another tokenizer made it."""
+    from zagreus.tokenizer import load_tokenizer
+
+    data_dir = Path(data_dir)
+    shards.check_identity(data_dir, load_tokenizer(tokenizer_spec).identity())
+    return json.loads((data_dir / pipeline.MANIFEST).read_text())
