@@ -1,0 +1,304 @@
+"""The serving engine shared by `zagreus chat` and `zagreus serve`: opens a model for chat,
+turns conversations into prompt ids under the context policy, runs generations on one worker
+thread, and turns token streams back into text (incremental UTF-8, stop strings, tool calls).
+
+Concurrency. Every request owns its own `generate_stream` generator and therefore its own KV
+cache. A single worker thread is the only caller of the model: it advances the active requests
+round-robin, one token each per turn. A request therefore computes exactly the operations it
+would compute alone (same shapes, same order), so concurrent replies are bit-identical to solo
+ones and all of them stream at once; throughput is that of one sequence at a time (there is no
+batched decode), which is the price of that guarantee.
+
+Context policy. A prompt must leave room for at least one new token. The server answers a longer
+prompt with HTTP 400 (`context_length_exceeded`, as OpenAI does); the terminal chat instead drops
+the oldest turns after the system prompt until the conversation fits. `max_tokens` is clipped to
+the room left in the context.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from zagreus.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = ("chatml", "llama3")
+TOOL_CALL_OPEN = "<tool_call>"
+
+
+class ContextOverflow(ValueError):
+    """The prompt leaves no room for a reply in the model's context."""
+
+
+@dataclass
+class Job:
+    """One generation running on the worker; `emit` receives ("token", id) events and a final
+    ("done", finish_reason) or ("error", message)."""
+
+    prompt: list[int]
+    params: object  # SamplingParams
+    emit: Callable[[tuple[str, object]], None]
+    budget: int
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    produced: int = 0
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Scheduler:
+    """One worker thread that owns every model call and interleaves the active jobs token by token."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self._inbox: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="zagreus-generate", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: Sequence[int], params, emit: Callable[[tuple[str, object]], None]) -> Job:
+        prompt = list(prompt)
+        budget = min(params.max_new_tokens, self.model.cfg.max_seq_len - len(prompt))
+        job = Job(prompt, params, emit, budget)
+        self._inbox.put(job)
+        return job
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        from zagreus.model.generate import generate_stream
+
+        active: deque[tuple[Job, Iterator[int]]] = deque()
+        while True:
+            # Block only when idle; otherwise pick up newcomers between tokens.
+            pending = [self._inbox.get()] if not active else []
+            while True:
+                try:
+                    pending.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for job in pending:
+                if job is None:
+                    for running, _ in active:
+                        _deliver(running, ("error", "server shutting down"))
+                    return
+                active.append((job, generate_stream(self.model, job.prompt, job.params)))
+            if not active:
+                continue
+            job, tokens = active.popleft()
+            if job.cancelled.is_set():
+                tokens.close()
+                continue
+            try:
+                token = next(tokens)
+            except StopIteration:
+                _deliver(job, ("done", "length" if job.produced >= job.budget else "stop"))
+                continue
+            except Exception as exc:  # a failing request must not take the worker down
+                log.exception("generation failed")
+                _deliver(job, ("error", f"generation failed: {exc}"))
+                continue
+            job.produced += 1
+            if _deliver(job, ("token", token)):
+                active.append((job, tokens))
+            else:
+                tokens.close()
+
+
+def _deliver(job: Job, event: tuple[str, object]) -> bool:
+    """Hand an event to the job's consumer; a consumer that is gone (closed event loop) cancels it."""
+    try:
+        job.emit(event)
+        return True
+    except Exception:
+        log.warning("dropping a request whose consumer is gone", exc_info=True)
+        job.cancel()
+        return False
+
+
+class TextStream:
+    """Token ids in, printable text out: waits for complete UTF-8 characters, cuts at stop strings,
+    and withholds everything from a `<tool_call>` marker on (it is returned as structured calls)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = (), hold_tool_calls: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.markers = self.stop + ([TOOL_CALL_OPEN] if hold_tool_calls else [])
+        self.ids: list[int] = []
+        self.text = ""  # decoded text so far, cut at a stop string
+        self.sent = 0  # characters of `text` already handed out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add a token; return the newly printable text ('' while a character or marker is incomplete)."""
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        full = self.tokenizer.decode(self.ids)
+        if full.endswith("\ufffd"):
+            return ""  # the last token ends inside a multi-byte character
+        for s in self.stop:
+            at = full.find(s)
+            if at >= 0:
+                full, self.stopped = full[:at], True
+        self.text = full
+        return self._release(final=self.stopped)
+
+    def finish(self) -> str:
+        """The whole text once generation has ended (a trailing partial character included)."""
+        if not self.stopped:
+            self.text = self.tokenizer.decode(self.ids)
+        return self.text
+
+    def flush(self) -> str:
+        """Everything not handed out yet, a withheld tool call included (call it when the text
+        turned out to hold no well-formed call)."""
+        self.finish()
+        out = self.text[self.sent :]
+        self.sent = len(self.text)
+        return out
+
+    def _release(self, final: bool) -> str:
+        at = self.text.find(TOOL_CALL_OPEN) if TOOL_CALL_OPEN in self.markers else -1
+        end = at if at >= 0 else len(self.text)
+        if not final and at < 0:
+            # Hold back a tail that could still grow into a stop string or a tool-call marker.
+            for m in self.markers:
+                for k in range(min(len(m) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(m[:k]):
+                        end = min(end, len(self.text) - k)
+                        break
+        end = max(end, self.sent)
+        out = self.text[self.sent : end]
+        self.sent = end
+        return out
+
+
+def openai_tool_calls(calls: Sequence[dict], prefix: str) -> list[dict]:
+    """Parsed calls ({"name", "arguments"}) as OpenAI `tool_calls` entries (arguments as JSON text)."""
+    out = []
+    for i, call in enumerate(calls):
+        args = call.get("arguments", {})
+        out.append({
+            "id": f"call_{prefix}_{i}",
+            "type": "function",
+            "function": {"name": call.get("name", ""),
+                         "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)},
+        })
+    return out
+
+
+class Engine:
+    """A model opened for chat: tokenizer, template, stop ids, and the generation worker."""
+
+    def __init__(self, model, tokenizer, template: str = "chatml", name: str = "zagreus") -> None:
+        from zagreus.post.chat import stop_token_ids
+
+        if template not in TEMPLATES:
+            raise UserError(f"--template {template}: choose one of {', '.join(TEMPLATES)}")
+        model.eval()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.name = name
+        self.context_length = model.cfg.max_seq_len
+        self.stop_ids = list(stop_token_ids(tokenizer, template))
+        self._scheduler: Scheduler | None = None
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+
+    # --- prompts ------------------------------------------------------------------------
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None, truncate: bool = False) -> list[int]:
+        """Prompt ids for the next assistant turn. Raises ValueError for bad messages and
+        ContextOverflow when it does not fit (unless `truncate` drops the oldest turns)."""
+        from zagreus.post.chat import render, validate_messages
+
+        messages = validate_messages(messages)
+        while True:
+            ids = render(messages, self.tokenizer, template=self.template, tools=tools, add_generation_prompt=True).ids
+            if len(ids) < self.context_length:
+                return ids
+            first = 1 if messages and messages[0]["role"] == "system" else 0
+            if not truncate or len(messages) - first <= 1:
+                raise ContextOverflow(
+                    f"the prompt has {len(ids)} tokens but the model's context is {self.context_length} tokens "
+                    "and the reply needs at least one; shorten the messages")
+            # Drop the oldest turn after the system prompt: a user message and its replies.
+            del messages[first]
+            while len(messages) - first > 1 and messages[first]["role"] != "user":
+                del messages[first]
+
+    def encode_completion_prompt(self, prompt: str) -> list[int]:
+        """A plain-text prompt as the model saw documents in pretraining: BOS, then the text."""
+        ids = self.tokenizer.encode(prompt, bos=True)
+        if len(ids) >= self.context_length:
+            raise ContextOverflow(
+                f"the prompt has {len(ids)} tokens but the model's context is {self.context_length} tokens "
+                "and the completion needs at least one; shorten the prompt")
+        return ids
+
+    def room(self, prompt: Sequence[int]) -> int:
+        return self.context_length - len(prompt)
+
+    # --- generation ---------------------------------------------------------------------
+    @property
+    def scheduler(self) -> Scheduler:
+        with self._lock:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self.model)
+            return self._scheduler
+
+    def submit(self, prompt: Sequence[int], params, emit: Callable[[tuple[str, object]], None]) -> Job:
+        return self.scheduler.submit(prompt, params, emit)
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._scheduler is not None:
+                self._scheduler.close()
+                self._scheduler = None
+
+
+def template_of(folder: Path, explicit: str | None) -> str:
+    """The template a model was trained with: the flag, else the export's chat_template, else ChatML."""
+    if explicit:
+        if explicit not in TEMPLATES:
+            raise UserError(f"--template {explicit}: choose one of {', '.join(TEMPLATES)}")
+        return explicit
+    cfg = Path(folder) / "tokenizer_config.json"
+    saved = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template") if cfg.is_file() else None
+    if not saved:
+        return "chatml"
+    from zagreus.post.chat import jinja_template
+
+    for name in TEMPLATES:
+        if saved == jinja_template(name):
+            return name
+    # A template written elsewhere: recognise the format by its markers.
+    if "<|start_header_id|>" in saved:
+        return "llama3"
+    if "<|im_start|>" in saved:
+        return "chatml"
+    raise UserError(f"{cfg}: chat_template is neither ChatML nor Llama-3; pass --template chatml|llama3")
+
+
+def open_engine(path: str | Path, template: str | None = None, name: str | None = None, device: str = "cpu") -> Engine:
+    from zagreus.model.loading import load_model_and_tokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such model; pass an export folder, a checkpoint or a run directory")
+    model, tokenizer = load_model_and_tokenizer(path, device=device)
+    return Engine(model, tokenizer, template_of(path, template), name or path.resolve().name)

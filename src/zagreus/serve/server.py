@@ -1,0 +1,296 @@
+"""The OpenAI-compatible HTTP server: `/v1/chat/completions` (plain and SSE streaming, tool
+calls), `/v1/completions`, `/v1/models`, `/health`, and the web chat page at `/`.
+
+Generation runs on the engine's single worker thread (see zagreus.serve.engine for the
+concurrency design); request handlers only wait on their own event queue, so the event loop stays
+free while tokens are produced. Errors follow OpenAI's shape, `{"error": {"message", "type",
+"param", "code"}}`: malformed JSON, unknown roles or bad fields give 400, a prompt longer than the
+context gives 400 with code `context_length_exceeded`, an unknown model name 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from importlib import resources
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from zagreus.serve.engine import ContextOverflow, Engine, TextStream, openai_tool_calls
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class _Sampling(BaseModel):
+    """Fields common to both endpoints; top_k and repetition_penalty extend OpenAI's set."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1, description="only one choice per request")
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[Any]
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+
+
+def _parse(model: type[BaseModel], raw: bytes) -> Any:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or None
+        raise APIError(400, f"{where}: {err['msg']}" if where else err["msg"], param=where) from None
+
+
+def _params(engine: Engine, req: _Sampling, prompt: list[int], stop_ids: list[int]):
+    from zagreus.model.generate import SamplingParams
+
+    room = engine.room(prompt)
+    asked = req.max_completion_tokens or req.max_tokens
+    # max_tokens is clipped to the room left in the context, never an error.
+    max_new = min(asked, room) if asked else room
+    return SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                          repetition_penalty=req.repetition_penalty, max_new_tokens=max_new,
+                          stop_ids=tuple(stop_ids), seed=req.seed)
+
+
+def _stops(req: _Sampling) -> list[str]:
+    if req.stop is None:
+        return []
+    return [req.stop] if isinstance(req.stop, str) else list(req.stop)
+
+
+class Generation:
+    """One request's generation seen from the event loop: text pieces as they become printable."""
+
+    def __init__(self, engine: Engine, prompt: list[int], params, stop: list[str], hold_tool_calls: bool) -> None:
+        self.engine = engine
+        self.prompt = prompt
+        self.text = TextStream(engine.tokenizer, stop, hold_tool_calls=hold_tool_calls)
+        self.finish_reason: str | None = None
+        loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._job = engine.submit(prompt, params, lambda ev: loop.call_soon_threadsafe(self._events.put_nowait, ev))
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.text.ids)
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """Printable text as it comes; ends with finish_reason set. Cancels the job if abandoned."""
+        try:
+            while True:
+                kind, value = await self._events.get()
+                if kind == "error":
+                    raise APIError(500, str(value), kind="server_error")
+                if kind == "done":
+                    self.finish_reason = value
+                    return
+                piece = self.text.push(value)
+                if piece:
+                    yield piece
+                if self.text.stopped:
+                    self.finish_reason = "stop"
+                    return
+        finally:
+            self._job.cancel()  # a no-op once the job has finished
+
+    async def run(self) -> str:
+        async for _ in self.pieces():
+            pass
+        return self.text.finish()
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": self.completion_tokens,
+                "total_tokens": len(self.prompt) + self.completion_tokens}
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(engine: Engine) -> FastAPI:
+    """The FastAPI app serving `engine`."""
+    app = FastAPI(title="zagreus", description=f"OpenAI-compatible server for {engine.name}")
+    page = resources.files("zagreus.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    def check_model(req: _Sampling) -> None:
+        if req.model is not None and req.model != engine.name:
+            raise APIError(404, f"model '{req.model}' is not served here; this server serves '{engine.name}'",
+                           param="model", code="model_not_found")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": engine.name, "context_length": engine.context_length,
+                "template": engine.template}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "zagreus", "context_length": engine.context_length}]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> str:
+        return page
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req: ChatRequest = _parse(ChatRequest, await request.body())
+        check_model(req)
+        try:
+            prompt = engine.render_chat(req.messages, tools=req.tools)
+        except ContextOverflow as exc:
+            raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        params = _params(engine, req, prompt, engine.stop_ids)
+        gen = Generation(engine, prompt, params, _stops(req), hold_tool_calls=True)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        log.info("%s: chat, %d prompt tokens, max %d new", rid, len(prompt), params.max_new_tokens)
+
+        def tool_calls_of(text: str) -> tuple[str, list[dict]]:
+            from zagreus.post.chat import parse_tool_calls
+
+            content, calls = parse_tool_calls(text)
+            return content, openai_tool_calls(calls, rid[-8:])
+
+        if not req.stream:
+            text = await gen.run()
+            content, calls = tool_calls_of(text)
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            finish = gen.finish_reason
+            if calls:
+                message = {"role": "assistant", "content": content or None, "tool_calls": calls}
+                finish = "tool_calls"
+            return {"id": rid, "object": "chat.completion", "created": created, "model": engine.name,
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                    "usage": gen.usage()}
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": engine.name,
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+
+        async def events() -> AsyncIterator[str]:
+            yield chunk({"role": "assistant", "content": ""})
+            try:
+                async for piece in gen.pieces():
+                    yield chunk({"content": piece})
+            except APIError as exc:
+                yield _sse(exc.body())
+                yield _sse("[DONE]")
+                return
+            finish = gen.finish_reason
+            _, calls = tool_calls_of(gen.text.finish())
+            if calls:
+                yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+                finish = "tool_calls"
+            else:
+                tail = gen.text.flush()
+                if tail:
+                    yield chunk({"content": tail})
+            yield chunk({}, finish)
+            if (req.stream_options or {}).get("include_usage"):
+                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": engine.name,
+                            "choices": [], "usage": gen.usage()})
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: CompletionRequest = _parse(CompletionRequest, await request.body())
+        check_model(req)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) != 1:
+            raise APIError(400, f"prompt: one prompt per request is supported, got {len(prompts)}", param="prompt")
+        try:
+            prompt = engine.encode_completion_prompt(prompts[0])
+        except ContextOverflow as exc:
+            raise APIError(400, str(exc), param="prompt", code="context_length_exceeded") from None
+        params = _params(engine, req, prompt, [engine.tokenizer.eos_id])
+        gen = Generation(engine, prompt, params, _stops(req), hold_tool_calls=False)
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        log.info("%s: completion, %d prompt tokens, max %d new", rid, len(prompt), params.max_new_tokens)
+
+        def choice(text: str, finish: str | None) -> dict:
+            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+        if not req.stream:
+            text = await gen.run()
+            return {"id": rid, "object": "text_completion", "created": created, "model": engine.name,
+                    "choices": [choice(text, gen.finish_reason)], "usage": gen.usage()}
+
+        def chunk(text: str, finish: str | None = None) -> str:
+            return _sse({"id": rid, "object": "text_completion", "created": created, "model": engine.name,
+                         "choices": [choice(text, finish)]})
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for piece in gen.pieces():
+                    yield chunk(piece)
+            except APIError as exc:
+                yield _sse(exc.body())
+                yield _sse("[DONE]")
+                return
+            tail = gen.text.flush()
+            yield chunk(tail, gen.finish_reason)
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: Literal["info", "warning"] = "info") -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    try:
+        uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level)
+    finally:
+        engine.close()
