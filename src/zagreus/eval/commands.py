@@ -1,0 +1,92 @@
+"""`zagreus eval` and `zagreus compare`; heavy imports stay inside the commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from zagreus.errors import UserError
+
+
+def _split(tasks: str | None) -> list[str]:
+    return [t.strip() for t in (tasks or "").split(",") if t.strip()]
+
+
+def _recipe_defaults(model: Path) -> dict:
+    """The run's recipe `eval:` section, when MODEL is (inside) a run directory that has one."""
+    for folder in (model, *model.parents[:3]):
+        if (folder / "recipe.yaml").is_file():
+            from zagreus.recipe import load_recipe
+
+            section = load_recipe(folder / "recipe.yaml", check_inputs=False).eval
+            data_dir = section.data_dir
+            if data_dir is not None:
+                data_dir = str(Path(data_dir) if Path(data_dir).is_absolute() else folder / data_dir)
+            return {"tasks": section.tasks, "num_fewshot": section.num_fewshot or None, "limit": section.limit,
+                    "batch_size": section.batch_size, "data_dir": data_dir}
+    return {}
+
+
+def eval_command(
+    model: Path = typer.Argument(..., help="export folder, checkpoint folder or run directory"),
+    tasks: Optional[str] = typer.Option(None, help="comma-separated lm-eval tasks, e.g. zagreus_arc_it,arc_it "
+                                        "(default: the run's recipe eval.tasks)"),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="few-shot examples for every task"),
+    limit: Optional[float] = typer.Option(None, help="items per task (a fraction if below 1)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="batch size (x256 tokens per forward)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="folder with the files of the zagreus_* tasks"),
+    out: Optional[Path] = typer.Option(None, help="results JSON (default: print it)"),
+    every_checkpoint: bool = typer.Option(False, "--every-checkpoint",
+                                          help="MODEL is a run dir: evaluate each new checkpoint, write eval/progression.*"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default cpu)"),
+) -> None:
+    """Evaluate a model (or every checkpoint of a run) with lm-evaluation-harness, in process."""
+    defaults = _recipe_defaults(model)
+    task_list = _split(tasks) or defaults.get("tasks") or []
+    if not task_list:
+        raise UserError("no tasks: pass --tasks T1,T2 (e.g. zagreus_arc_it) or set eval.tasks in the run's recipe")
+    fewshot = num_fewshot if num_fewshot is not None else defaults.get("num_fewshot")
+    lim = limit if limit is not None else defaults.get("limit")
+    if lim is not None and lim >= 1:
+        lim = int(lim)
+    bs = batch_size or defaults.get("batch_size") or 16
+    ddir = data_dir or defaults.get("data_dir")
+    if every_checkpoint:
+        from zagreus.eval.progression import evaluate_run
+
+        steps, files = evaluate_run(model, task_list, num_fewshot=fewshot, limit=lim, batch_size=bs,
+                                    data_dir=ddir, device=device)
+        typer.echo(f"evaluated {len(steps)} new checkpoint(s): {', '.join(f'step-{s}' for s in steps) or 'none'}")
+        typer.echo((model / "eval" / "progression.md").read_text(encoding="utf-8"))
+        typer.echo("wrote " + ", ".join(str(f) for f in files))
+        return
+    from zagreus.eval.run import evaluate, write_results
+
+    results = evaluate(model, task_list, num_fewshot=fewshot, limit=lim, batch_size=bs, data_dir=ddir, device=device)
+    for task, entry in results["tasks"].items():
+        typer.echo(f"{task}: {entry['metric']} = {entry['value']:.4f}  ({json.dumps(entry['metrics'])}, n={entry['samples']})")
+    if out is not None:
+        write_results(results, out)
+        typer.echo(f"wrote {out}")
+    else:
+        typer.echo(json.dumps(results, indent=2, default=str))
+
+
+def compare_command(
+    results: list[Path] = typer.Argument(..., help="results JSON files from `zagreus eval --out`"),
+    out: Path = typer.Option(..., help="output folder for compare.md, compare.csv, compare.png"),
+) -> None:
+    """Models side by side: task scores by language, per-language and overall averages, bar chart."""
+    from zagreus.eval.compare import compare
+
+    files = compare(results, out)
+    typer.echo(files[0].read_text(encoding="utf-8"))
+    typer.echo("wrote " + ", ".join(str(f) for f in files))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
+    app.command("compare")(compare_command)

@@ -1,0 +1,149 @@
+"""`zagreus` model type for lm-evaluation-harness: our checkpoints and exports, in process.
+
+`lm-eval --model zagreus --model_args pretrained=PATH` (or `ZagreusLM(model=..., tokenizer=...)`)
+scores with `zagreus.eval.scorer` (packed choices, output matrix only where needed) and
+generates with `zagreus.model.generate` (KV cache). Tokenisation reproduces lm-eval's `hf`
+model on our exported tokenizer: its post-processor prepends <|begin_of_text|> to every
+encoded string (unless the string already starts with it) and special-token strings in the
+text are recognised, so both paths feed the model the same ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from zagreus.eval.scorer import score_pairs
+from zagreus.tokenizer import BOS
+
+log = logging.getLogger(__name__)
+
+
+@register_model("zagreus")
+class ZagreusLM(TemplateLM):
+    """An lm-eval LM over a zagreus Transformer + Tokenizer.
+
+    batch_size: rows per forward pass is set by a token budget of batch_size x 256 tokens
+    (one row holds a context and all its choices).
+    """
+
+    def __init__(self, pretrained: str | Path | None = None, model=None, tokenizer=None,
+                 batch_size: int | str = 16, device: str | None = None, max_length: int | None = None,
+                 **kwargs) -> None:
+        super().__init__()
+        if model is None:
+            from zagreus.model.loading import load_model_and_tokenizer
+
+            if pretrained is None:
+                raise ValueError("pass pretrained=PATH (export, checkpoint or run folder) or model= and tokenizer=")
+            model, tokenizer = load_model_and_tokenizer(pretrained, device=device or "cpu")
+        if tokenizer is None:
+            raise ValueError("a tokenizer is needed with model=")
+        if kwargs:
+            log.debug("ignoring model args %s", sorted(kwargs))
+        self.model = model.eval()
+        self.zt = tokenizer
+        self._device = next(model.parameters()).device
+        self._max_length = int(max_length or model.cfg.max_seq_len)
+        bs = 16 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
+        self.batch_tokens = max(256, bs * 256)
+        # As the export's generation_config: end of text, and end of turn for chat models.
+        self.stop_ids = tuple(i for i in (tokenizer.eos_id, tokenizer.special_tokens.get("<|im_end|>")) if i is not None)
+
+    # --- what lm-eval asks of a TemplateLM --------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.zt.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # As HFLM: BOS conditions an empty context.
+        return self.zt.bos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return 256
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs) -> list[int]:
+        # HFLM: default adds special tokens (our post-processor's BOS) unless the text starts with BOS.
+        add_bos = add_special_tokens if add_special_tokens is not None else not string.startswith(BOS)
+        ids = self.zt.encode(string, bos=add_bos, allow_special=True)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.zt.decode(tokens)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        pairs = [(ctx, cont) for _, ctx, cont in requests]
+        results = score_pairs(self.model, pairs, batch_tokens=self.batch_tokens, progress=not disable_tqdm)
+        for (key, _, _), res in zip(requests, results):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, res)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Perplexity-style scores: disjoint windows of max_length tokens, summed (as HFLM)."""
+        from lm_eval import utils
+
+        windows, owners = [], []
+        for i, (string,) in enumerate(req.args for req in requests):
+            for ctx, cont in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((ctx, cont))
+                owners.append(i)
+        scores = score_pairs(self.model, windows, batch_tokens=self.batch_tokens, progress=not disable_tqdm)
+        totals = [0.0] * len(requests)
+        for owner, (logp, _) in zip(owners, scores):
+            totals[owner] += logp
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled) continuation with the KV cache, cut at the first stop sequence."""
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+        from zagreus.model.generate import SamplingParams, generate_stream
+
+        eos = self.zt.decode([self.eot_token_id])
+        out = []
+        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
+            context, gen_kwargs = req.args
+            kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen = int(kwargs.pop("max_gen_toks"))
+            prompt = self.tok_encode(context, left_truncate_len=self.max_length - max_gen)
+            params = SamplingParams(
+                temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
+                top_p=float(kwargs.get("top_p", 1.0) or 1.0), top_k=int(kwargs.get("top_k", 0) or 0),
+                max_new_tokens=max_gen, stop_ids=self.stop_ids, seed=kwargs.get("seed"),
+            )
+            generated: list[int] = []
+            text = ""
+            for token in generate_stream(self.model, prompt, params):
+                generated.append(token)
+                text = self.zt.decode(generated)
+                # Stop sequences are strings: check the decoded text, as HF's stopping criteria do.
+                if any(s in text for s in until):
+                    break
+            text = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            out.append(text)
+        return out
+
+
+def make_lm(model_or_path, tokenizer=None, batch_size: int = 16, device: str | None = None) -> ZagreusLM:
+    """A ZagreusLM from a path or from an in-memory (model, tokenizer)."""
+    if isinstance(model_or_path, (str, Path)):
+        return ZagreusLM(pretrained=str(model_or_path), batch_size=batch_size, device=device)
+    return ZagreusLM(model=model_or_path, tokenizer=tokenizer, batch_size=batch_size)

@@ -1,0 +1,96 @@
+"""Task names: lm-eval's own tasks plus the offline `zagreus_*` tasks shipped in `eval/tasks/`.
+
+An offline task's YAML names its files relative to the data folder; `task_specs` turns a list
+of names into what lm-eval's TaskManager loads, with those files joined to `--data-dir`.
+Unknown names end in a UserError listing the closest known ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+import re
+from pathlib import Path
+
+from zagreus.errors import UserError
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+
+# The metric the report quotes for each task family (acc_norm: log-likelihood per character).
+_REPORT_METRIC = [
+    (re.compile(r"(^|_)(m_)?mmlu"), "acc"),
+    (re.compile(r"(^|_)(hellaswag|arc)"), "acc_norm"),
+]
+_LANGUAGE = re.compile(r"_(it|es|fr|pt|en|de)$")
+
+
+def local_task_names() -> list[str]:
+    return sorted(p.stem for p in TASKS_DIR.glob("zagreus_*.yaml"))
+
+
+def report_metric(task: str) -> str:
+    """acc_norm for ARC and HellaSwag, acc for MMLU and anything else (as in the report's tables)."""
+    for pattern, metric in _REPORT_METRIC:
+        if pattern.search(task):
+            return metric
+    return "acc"
+
+
+def task_language(task: str) -> str:
+    """ISO code from the name's suffix (arc_it -> it); English for the unsuffixed lm-eval tasks."""
+    m = _LANGUAGE.search(task)
+    return m.group(1) if m else "en"
+
+
+def display_name(task: str) -> str:
+    """The report's name: zagreus_arc_it -> arc_it."""
+    return task.removeprefix("zagreus_")
+
+
+@functools.lru_cache(maxsize=1)
+def task_manager():
+    """lm-eval's TaskManager with our task folder included (indexing takes a few seconds, once)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASKS_DIR))
+
+
+def _local_config(name: str, data_dir: Path | None) -> dict:
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(TASKS_DIR / f"{name}.yaml", resolve_func=True)
+    if data_dir is None:
+        raise UserError(f"task {name} reads local files; pass --data-dir DIR (the folder holding "
+                        f"{', '.join(cfg['dataset_kwargs']['data_files'].values())})")
+    files = {}
+    for split, rel in cfg["dataset_kwargs"]["data_files"].items():
+        path = Path(data_dir) / rel
+        if not path.is_file():
+            raise UserError(f"task {name}: {path} not found; put {rel} in --data-dir or choose another task")
+        files[split] = str(path.resolve())
+    cfg["dataset_kwargs"] = {**cfg["dataset_kwargs"], "data_files": files}
+    return cfg
+
+
+def check_task_names(names: list[str]) -> None:
+    """UserError for the first unknown name, with the closest lm-eval and zagreus names."""
+    known = set(local_task_names())
+    unknown = [n for n in names if n not in known]
+    if not unknown:
+        return
+    all_names = set(task_manager().all_tasks) | known
+    for name in unknown:
+        if name in all_names or Path(name).is_file():
+            continue
+        close = difflib.get_close_matches(name, sorted(all_names), n=6, cutoff=0.6)
+        hint = f"closest: {', '.join(close)}" if close else "run `lm-eval ls tasks` for lm-eval's tasks"
+        raise UserError(f"unknown task '{name}'; {hint} (offline tasks: {', '.join(local_task_names())})")
+
+
+def task_specs(names: list[str], data_dir: str | Path | None = None) -> list:
+    """lm-eval task specs: names for lm-eval's own tasks, full configs for the offline ones."""
+    check_task_names(names)
+    local = set(local_task_names())
+    data = Path(os.path.expanduser(str(data_dir))) if data_dir is not None else None
+    return [_local_config(n, data) if n in local else n for n in names]

@@ -1,0 +1,136 @@
+"""Evaluate one model on lm-eval tasks with our in-process evaluator, and the results format.
+
+`evaluate(...)` runs lm-eval's `simple_evaluate` with the `zagreus` model type and returns a
+JSON-ready dict: per task the report's metric (acc_norm for ARC/HellaSwag, acc for MMLU)
+and every metric lm-eval computed. `quick_mc_eval` is the small version the pretraining loop
+can call on the model in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from zagreus.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def _task_entry(task: str, metrics: dict[str, Any], n_samples: int | None, num_fewshot: int | None) -> dict:
+    from zagreus.eval.registry import report_metric
+
+    values = {k.split(",")[0]: v for k, v in metrics.items()
+              if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+    metric = report_metric(task)
+    if metric not in values and values:
+        metric = next(iter(values))
+    return {"metric": metric, "value": values.get(metric), "metrics": values, "samples": n_samples,
+            "num_fewshot": num_fewshot}
+
+
+def _quiet_offline(local_only: bool) -> None:
+    # Local task files need no hub look-ups; skipping them avoids timeouts on machines offline.
+    if local_only:
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def run_tasks(lm, tasks: list[str], num_fewshot: int | dict[str, int] | None = None, limit: int | float | None = None,
+              data_dir: str | Path | None = None, log_samples: bool = False) -> tuple[dict, dict]:
+    """(per-task summary, raw lm-eval output) for an lm-eval LM on the named tasks.
+
+    num_fewshot: one number for every task, or a per-task mapping (tasks not named use their default).
+    """
+    from zagreus.eval.registry import local_task_names, task_manager, task_specs
+
+    _quiet_offline(all(t in local_task_names() for t in tasks))
+    specs = task_specs(tasks, data_dir)
+    from lm_eval import simple_evaluate
+
+    groups: dict[int | None, list] = {}
+    for name, spec in zip(tasks, specs):
+        k = num_fewshot.get(name) if isinstance(num_fewshot, dict) else num_fewshot
+        groups.setdefault(k, []).append(spec)
+    summary: dict[str, dict] = {}
+    raw: dict[str, Any] = {"results": {}, "samples": {}}
+    for k, group in groups.items():
+        out = simple_evaluate(model=lm, tasks=group, num_fewshot=k, limit=limit, task_manager=task_manager(),
+                              log_samples=log_samples, bootstrap_iters=0, verbosity=None)
+        for task, metrics in out["results"].items():
+            n = out.get("n-samples", {}).get(task, {}).get("effective")
+            summary[task] = _task_entry(task, metrics, n, k)
+        raw["results"].update(out["results"])
+        raw["samples"].update(out.get("samples", {}))
+    return summary, raw
+
+
+def evaluate(model: str | Path, tasks: list[str], num_fewshot: int | dict[str, int] | None = None,
+             limit: int | float | None = None, batch_size: int = 16, data_dir: str | Path | None = None,
+             device: str | None = None) -> dict:
+    """Results dict for a model folder (export, checkpoint or run dir) on the named tasks."""
+    from zagreus import __version__
+    from zagreus.eval.lm import make_lm
+    from zagreus.eval.registry import check_task_names
+
+    if not tasks:
+        raise UserError("no tasks given; pass --tasks T1,T2 (e.g. zagreus_arc_it) or set eval.tasks in the recipe")
+    check_task_names(tasks)
+    start = time.perf_counter()
+    lm = make_lm(model, batch_size=batch_size, device=device)
+    summary, _ = run_tasks(lm, tasks, num_fewshot=num_fewshot, limit=limit, data_dir=data_dir)
+    return {
+        "model": str(model), "tasks": summary, "limit": limit, "num_fewshot": num_fewshot,
+        "data_dir": str(data_dir) if data_dir else None, "seconds": round(time.perf_counter() - start, 2),
+        "zagreus_version": __version__, "lm_eval_version": _lm_eval_version(),
+    }
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm-eval")
+
+
+def quick_mc_eval(model, tokenizer, task: str = "zagreus_arc_it", limit: int | None = 200,
+                  data_dir: str | Path | None = None, num_fewshot: int = 0, batch_size: int = 16) -> dict[str, float]:
+    """A multiple-choice score for the model in memory, e.g. every N pretraining steps.
+
+    Returns lm-eval's metrics for the task ({'acc': .., 'acc_norm': ..}). Puts the model in
+    eval mode and back to train mode if it was training. Runs on the model's device, in
+    the process: no export, no reload.
+    """
+    from zagreus.eval.lm import make_lm
+
+    was_training = model.training
+    try:
+        summary, _ = run_tasks(make_lm(model, tokenizer, batch_size=batch_size), [task],
+                               num_fewshot=num_fewshot, limit=limit, data_dir=data_dir)
+    finally:
+        model.train(was_training)
+    return dict(summary[task]["metrics"])
+
+
+def write_results(results: dict, out: Path) -> None:
+    """Write atomically, so an interrupted run never leaves a truncated cache file."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(out)
+
+
+def read_results(path: Path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: results file not found; pass files written by `zagreus eval --out`") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); re-run `zagreus eval`") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
+        raise UserError(f"{path}: no 'tasks' mapping; pass results written by `zagreus eval --out`")
+    return data

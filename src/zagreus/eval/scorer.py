@@ -1,0 +1,141 @@
+"""Fast log-likelihood scoring of (context, continuation) token pairs with our Transformer.
+
+This is what makes our evaluator faster than lm-eval's `hf` model, with the same numbers:
+
+* Only the positions that predict a continuation token go through the output matrix; the
+  rest of the sequence stops at the final hidden state (`return_hidden=True`). With a
+  128k vocabulary the output projection and its log-softmax are nearly all the work.
+* Choices sharing a context (every multiple-choice item) are packed into one row as a tree:
+  the context once, then each choice's tokens with RoPE positions restarting after the
+  context and a mask letting each choice see the context and itself only. The position
+  predicting a choice's first token is the context's last one, computed once for all choices.
+* Rows are sorted by length and batched under a token budget, so padding stays small.
+
+Truncation follows lm-eval's HFLM: when context + continuation exceed the model's context,
+the context is cut from the left so that the model sees the last `max_seq_len` tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from zagreus.model.llama import Transformer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tree:
+    """One context and the continuations scored after it, packed into a single row."""
+
+    context: tuple[int, ...]
+    requests: list[int] = field(default_factory=list)  # indices into the caller's list
+    continuations: list[Sequence[int]] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        # A continuation's last token is only ever predicted, never fed in.
+        return len(self.context) + sum(len(c) - 1 for c in self.continuations)
+
+
+def _build_trees(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_len: int) -> list[_Tree]:
+    trees: dict[tuple[int, ...], _Tree] = {}
+    for i, (ctx, cont) in enumerate(pairs):
+        if not cont:
+            raise ValueError(f"request {i}: empty continuation")
+        if len(cont) > max_len:
+            raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds the context of {max_len}")
+        keep = max_len + 1 - len(cont)
+        ctx = tuple(ctx[-keep:]) if len(ctx) > keep else tuple(ctx)
+        if not ctx:
+            raise ValueError(f"request {i}: empty context (pass at least a BOS token)")
+        tree = trees.setdefault(ctx, _Tree(ctx))
+        tree.requests.append(i)
+        tree.continuations.append(cont)
+    return list(trees.values())
+
+
+def _pack(trees: list[_Tree], device: torch.device):
+    """Tokens, positions and tree masks [B, 1, T, T] for a batch, plus the predicting positions."""
+    T = max(t.length for t in trees)
+    B = len(trees)
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    # Padding rows attend to themselves only, so no row of the mask is all False.
+    mask = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    rows, cols, targets, owners = [], [], [], []
+    for b, tree in enumerate(trees):
+        c = len(tree.context)
+        tokens[b, :c] = torch.tensor(tree.context)
+        positions[b, :c] = torch.arange(c)
+        mask[b, :c, :c] = causal[:c, :c]
+        start = c
+        for req, cont in zip(tree.requests, tree.continuations):
+            n = len(cont) - 1
+            if n:
+                tokens[b, start:start + n] = torch.tensor(cont[:-1])
+                positions[b, start:start + n] = torch.arange(c, c + n)
+                mask[b, start:start + n, :c] = True
+                mask[b, start:start + n, start:start + n] = causal[:n, :n]
+            predicting = [c - 1] + list(range(start, start + n))
+            rows += [b] * len(predicting)
+            cols += predicting
+            targets += list(cont)
+            owners += [req] * len(cont)
+            start += n
+    return (tokens.to(device), positions.to(device), mask[:, None].to(device),
+            torch.tensor(rows), torch.tensor(cols), torch.tensor(targets), torch.tensor(owners))
+
+
+@torch.inference_mode()
+def token_logprobs(model: Transformer, hidden: torch.Tensor, targets: torch.Tensor,
+                   chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) and whether target is the argmax, for hidden states [N, D] and targets [N].
+
+    Chunked so the [chunk, vocab] logits stay in cache; fp32 like HFLM's log_softmax.
+    """
+    weight = model.lm_head.weight
+    logps, greedy = [], []
+    for s in range(0, hidden.shape[0], chunk):
+        logits = (hidden[s:s + chunk] @ weight.T).float()
+        tgt = targets[s:s + chunk].to(logits.device)
+        picked = logits.gather(1, tgt[:, None])[:, 0]
+        logps.append(picked - torch.logsumexp(logits, dim=-1))
+        greedy.append(logits.argmax(dim=-1) == tgt)
+    return torch.cat(logps).cpu(), torch.cat(greedy).cpu()
+
+
+@torch.inference_mode()
+def score_pairs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                batch_tokens: int = 4096, progress: bool = False) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context), continuation is the greedy one) for each pair."""
+    from tqdm import tqdm
+
+    if not pairs:
+        return []
+    device = next(model.parameters()).device
+    trees = sorted(_build_trees(pairs, model.cfg.max_seq_len), key=lambda t: t.length, reverse=True)
+    total = torch.zeros(len(pairs), dtype=torch.float64)
+    all_greedy = torch.ones(len(pairs), dtype=torch.bool)
+    bar = tqdm(total=len(pairs), desc="loglikelihood", disable=not progress, unit="req")
+    i = 0
+    while i < len(trees):
+        # Longest first: the first row sets the padded width of the batch.
+        width = trees[i].length
+        n = max(1, batch_tokens // width)
+        batch = trees[i:i + n]
+        i += len(batch)
+        tokens, positions, mask, rows, cols, targets, owners = _pack(batch, device)
+        hidden = model(tokens, positions=positions, mask=mask, return_hidden=True)
+        logp, greedy = token_logprobs(model, hidden[rows.to(device), cols.to(device)], targets)
+        total.index_add_(0, owners, logp.double())
+        # A request is greedy only if every one of its tokens is the argmax.
+        all_greedy[owners[~greedy]] = False
+        bar.update(sum(len(t.requests) for t in batch))
+    bar.close()
+    return [(float(total[j]), bool(all_greedy[j])) for j in range(len(pairs))]
