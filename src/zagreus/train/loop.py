@@ -1,11 +1,77 @@
-"""The pretraining loop (single device; seams for the parallelism helper), see run_pretrain."""
+"""The pretraining loop: `zagreus pretrain RECIPE`, single device, resumable, with seams for parallelism.
+
+The loop is plain on purpose. The pieces a parallel run changes are separate functions:
+build_model (meta device, then materialise and initialise), the one place the model is
+wrapped (apply_wrappers; the parallelism helper inserts `parallelize(...)` there), the loader
+built for (dp_rank, dp_world), and compute_loss(model, batch, chunk). Under torchrun
+(WORLD_SIZE > 1) torch.distributed is initialised and gradients are averaged over ranks, so pure
+data parallelism works without further changes.
+
+Steps are counted as completed optimizer steps: checkpoint step-000100 holds the state after
+100 updates, and the metrics record of step 100 gives the loss of the 100th update.
+"""
 
 from __future__ import annotations
 
-import torch
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from zagreus.data.loader import TokenLoader
+from zagreus.errors import UserError
 from zagreus.model.config import ModelConfig
 from zagreus.model.llama import Transformer, rope_frequencies
+from zagreus.recipe import PretrainSection, Recipe, dump_recipe
+from zagreus.tokenizer import load_tokenizer
+from zagreus.train.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
+from zagreus.train.losses import chunked_cross_entropy
+from zagreus.train.metrics import MetricsLogger, bits_per_byte, measure_matmul_peak, text_bytes
+from zagreus.train.optim import build_optimizer, lr_multiplier
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(UserError):
+    """Too many non-finite steps in a row; the last good checkpoint is left as it was."""
+
+
+# --- set-up ---------------------------------------------------------------------------------
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """torch.distributed from torchrun's environment (gloo on CPU, nccl on CUDA); nothing for one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(choice: str, local_rank: int = 0) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("pretrain.device is cuda but no CUDA device is visible; use device: auto or cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> Transformer:
@@ -25,3 +91,222 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
         model.init_weights(seed)
     return model
 
+
+def apply_wrappers(model: Transformer, p: PretrainSection) -> nn.Module:
+    """Activation checkpointing and compilation per block (torchtitan's order: AC, then compile)."""
+    if p.activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for name, block in list(model.layers.items()):
+            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+    if p.compile:
+        for block in model.layers.values():
+            block.compile()
+    return model
+
+
+def grad_accumulation(p: PretrainSection, dp_world: int) -> int:
+    """Micro-steps per optimizer step: tokens_per_step / (seq_len x micro_batch x data-parallel ranks)."""
+    per_micro = p.seq_len * p.micro_batch * dp_world
+    if p.tokens_per_step is None:
+        return 1
+    if p.tokens_per_step % per_micro:
+        raise UserError(f"pretrain.tokens_per_step {p.tokens_per_step} is not a multiple of seq_len x micro_batch x "
+                        f"data-parallel ranks = {per_micro}; pick a multiple")
+    return p.tokens_per_step // per_micro
+
+
+def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int) -> torch.Tensor:
+    """Mean next-token cross-entropy of a micro-batch, the output projection fused into the chunked loss."""
+    hidden = model(batch["input"], return_hidden=True)
+    return chunked_cross_entropy(hidden, model.lm_head.weight, batch["target"], chunk_tokens)
+
+
+def _allreduce_grads(model: nn.Module, world: int) -> None:
+    """Average gradients over data-parallel ranks (plain DP; FSDP does this itself)."""
+    for param in model.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad.div_(world)
+
+
+def _mean_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= world
+    return value
+
+
+def _data_paths(recipe: Recipe, run_dir: Path) -> tuple[Path, Path]:
+    tokenizer_dir, data_dir = run_dir / "tokenizer", run_dir / "data"
+    if not (tokenizer_dir / "tokenizer.json").is_file() or not (data_dir / "train").is_dir():
+        where = recipe.source_path or f"runs/{recipe.name}"
+        raise UserError(f"{run_dir}: no tokenized data ({tokenizer_dir}/tokenizer.json, {data_dir}/train/); "
+                        f"run `zagreus data tokenize {where}` first")
+    return tokenizer_dir, data_dir
+
+
+def _source_weights(recipe: Recipe) -> dict[str, float] | None:
+    if recipe.data is None:
+        return None  # every source found in data/train, equally
+    return {s.name: s.weight for s in recipe.data.sources}
+
+
+# --- evaluation -----------------------------------------------------------------------------
+class Validator:
+    """Validation loss and bits per byte on a fixed set of held-out batches."""
+
+    def __init__(self, data_dir: Path, p: PretrainSection, tokenizer, weights, dp_rank: int, dp_world: int,
+                 device: torch.device):
+        loader = TokenLoader(data_dir, "val", p.seq_len, p.micro_batch, weights=weights, seed=p.seed,
+                             rank=dp_rank, world=dp_world, shuffle=False)
+        self.batches = [loader.next_batch() for _ in range(p.eval_batches)]
+        self.bytes = sum(text_bytes(tokenizer, b["target"].flatten().tolist()) for b in self.batches)
+        self.device = device
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, chunk_tokens: int, autocast, world: int) -> dict[str, float]:
+        model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
+        for batch in self.batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with autocast():
+                hidden = model(batch["input"], return_hidden=True)
+                nats = chunked_cross_entropy(hidden, model.lm_head.weight, batch["target"], chunk_tokens, reduction="sum")
+            totals[0] += nats.double()
+            totals[1] += batch["target"].numel()
+        totals[2] = self.bytes
+        if world > 1:
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        model.train()
+        nats, tokens, n_bytes = totals.tolist()
+        return {"val_loss": nats / tokens, "val_bpb": bits_per_byte(nats, int(n_bytes))}
+
+
+# --- the loop -------------------------------------------------------------------------------
+def run_pretrain(recipe: Recipe) -> dict:
+    """Train (or resume) per recipe.pretrain in recipe.run_path(); returns the last metrics."""
+    p = recipe.pretrain
+    run_dir = recipe.run_path()
+    tokenizer_dir, data_dir = _data_paths(recipe, run_dir)
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    device = pick_device(p.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dinfo = init_distributed(device.type)
+    cfg = recipe.model.resolve(vocab_size=tokenizer.vocab_size).model_copy(
+        update={"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id})
+    if p.seq_len > cfg.max_seq_len:
+        raise UserError(f"pretrain.seq_len {p.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}; "
+                        f"lower it or set model.overrides.max_seq_len")
+    if dinfo.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+
+    torch.manual_seed(p.seed)
+    model = build_model(cfg, device, seed=p.seed)
+    model = apply_wrappers(model, p)  # the parallelism helper's `parallelize(...)` goes here
+    dp_rank, dp_world = dinfo.rank, dinfo.world
+    optimizer = build_optimizer(model, p.optimizer)
+    schedule = lr_multiplier(p.schedule, p.steps, p.optimizer.lr)
+    accum = grad_accumulation(p, dp_world)
+    weights = _source_weights(recipe)
+    loader = TokenLoader(data_dir, "train", p.seq_len, p.micro_batch, weights=weights, seed=p.seed,
+                         rank=dp_rank, world=dp_world, identity=tokenizer.identity())
+    validator = Validator(data_dir, p, tokenizer, weights, dp_rank, dp_world, device) \
+        if any((data_dir / "val").glob("*/*.ds")) else None
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+
+    step, skipped_total = 0, 0
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = latest_checkpoint(run_dir)
+    if resume_from is not None:
+        meta, rank_state = load_checkpoint(resume_from, model, optimizer)
+        step, skipped_total = meta["step"], meta.get("skipped_steps", 0)
+        loader.load_state_dict(meta["loader"])
+        if "torch_rng" in rank_state:
+            torch.set_rng_state(rank_state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in rank_state:
+            torch.cuda.set_rng_state(rank_state["cuda_rng"])
+        log.info("resumed from %s (step %d, %d tokens)", resume_from, step, meta.get("tokens", 0))
+    metrics = MetricsLogger(run_dir, enabled=dinfo.is_main, resume_step=step)
+
+    def checkpoint(at: int) -> None:
+        rank_state = {"torch_rng": torch.get_rng_state()}
+        if device.type == "cuda":
+            rank_state["cuda_rng"] = torch.cuda.get_rng_state()
+        tokens = loader.tokens_per_source()
+        meta = {"tokens": sum(tokens.values()), "tokens_per_source": tokens, "loader": loader.state_dict(),
+                "skipped_steps": skipped_total, "model_config": cfg.model_dump(mode="json"),
+                "tokenizer_dir": os.path.relpath(tokenizer_dir, ckpt_root / checkpoint_name(at)),
+                "recipe": recipe.model_dump(mode="json", exclude={"source_path"})}
+        save_checkpoint(ckpt_root, at, model, optimizer, meta, keep=p.checkpoint.keep, rank_state=rank_state)
+
+    peak = p.peak_flops or measure_matmul_peak(str(device) if device.type == "cuda" else "cpu")
+    flops_per_token = cfg.flops_per_token(p.seq_len)
+    tokens_per_step = p.seq_len * p.micro_batch * dp_world * accum
+    log.info("pretraining %s: %d parameters, %d steps x %d tokens (%d micro-steps of %d x %d per rank, %d rank(s)), "
+             "device %s, starting at step %d", recipe.name, cfg.param_counts()["total"], p.steps, tokens_per_step,
+             accum, p.micro_batch, p.seq_len, dp_world, device, step)
+
+    params = [q for q in model.parameters() if q.requires_grad]
+    bad_in_row, last = 0, {}
+    window_time, window_tokens = 0.0, 0
+    model.train()
+    while step < p.steps:
+        t0 = time.perf_counter()
+        lr = p.optimizer.lr * schedule(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in loader.next_batch().items()}
+            with autocast():
+                loss = compute_loss(model, batch, p.loss_chunk)
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        if dp_world > 1:
+            _allreduce_grads(model, dp_world)
+        loss = _mean_over_ranks(loss_sum / accum, dp_world)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, p.optimizer.clip if p.optimizer.clip > 0 else math.inf)
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
+            bad_in_row = 0
+        else:
+            skipped_total += 1
+            bad_in_row += 1
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        window_time += time.perf_counter() - t0
+        window_tokens += tokens_per_step
+
+        if not finite:
+            log.warning("step %d: non-finite %s, update skipped (%d in a row, %d in all)", step,
+                        "loss" if not torch.isfinite(loss) else "gradient", bad_in_row, skipped_total)
+            if bad_in_row >= p.max_bad_steps:
+                metrics.log({"step": step, "loss": float(loss), "skipped_steps": skipped_total, "stopped": True})
+                metrics.close()
+                good = latest_checkpoint(run_dir)
+                raise TrainingDiverged(
+                    f"{bad_in_row} non-finite steps in a row (pretrain.max_bad_steps {p.max_bad_steps}) ending at step "
+                    f"{step}; stopped. Last good checkpoint: {good or 'none'}; lower pretrain.optimizer.lr or raise warmup, "
+                    f"then run `zagreus pretrain` again to resume from it")
+        if step % p.log_every == 0 or step == p.steps:
+            tok_s = window_tokens / max(window_time, 1e-9)
+            last = {"step": step, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
+                    "mfu": flops_per_token * tok_s / (peak * dp_world), "tokens": step * tokens_per_step,
+                    "skipped_steps": skipped_total}
+            metrics.log(last, f"step {step}/{p.steps} | loss {last['loss']:.4f} | lr {lr:.2e} | grad norm "
+                              f"{last['grad_norm']:.3f} | {tok_s:,.0f} tok/s | MFU {last['mfu']:.1%}")
+            window_time, window_tokens = 0.0, 0
+        if validator is not None and (step % p.eval_every == 0 or step == p.steps):
+            val = validator.evaluate(model, p.loss_chunk, autocast, dp_world)
+            metrics.log({"step": step, **val}, f"step {step} | val loss {val['val_loss']:.4f} | "
+                                               f"val bits/byte {val['val_bpb']:.4f}")
+            last.update(val)
+        if bad_in_row == 0 and (step % p.checkpoint.every == 0 or step == p.steps):
+            checkpoint(step)
+    metrics.close()
+    return last
