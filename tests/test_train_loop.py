@@ -130,3 +130,45 @@ def test_missing_data_is_a_clear_error(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: ")
     assert f"run `zagreus data tokenize" in out.stderr and "no tokenized data" in out.stderr
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    """NaN losses at steps 5-6 are skipped (weights untouched) and counted; 3 in a row stop the run cleanly."""
+    import torch
+
+    from zagreus.recipe import load_recipe
+    from zagreus.train import loop
+    from zagreus.train.checkpoint import list_checkpoints
+
+    recipe = make_run(tmp_path, steps=20, max_bad_steps=3, checkpoint={"every": 1, "keep": 50})
+    real_loss = loop.compute_loss
+    calls: list[torch.Tensor] = []
+    poison = {5, 6} | set(range(10, 21))  # 1-based steps whose loss is NaN
+
+    def injected(model, batch, chunk_tokens):
+        calls.append(model.layers["0"].mlp.up_proj.weight.detach().clone())
+        loss = real_loss(model, batch, chunk_tokens)
+        return loss * float("nan") if len(calls) in poison else loss
+
+    monkeypatch.setattr(loop, "compute_loss", injected)
+    with pytest.raises(loop.TrainingDiverged) as err:
+        loop.run_pretrain(load_recipe(recipe))
+    run = tmp_path / "run"
+    assert "3 non-finite steps in a row" in str(err.value) and "step 12" in str(err.value)
+    assert str(run / "checkpoints" / "step-000009") in str(err.value)
+    # Skipped updates leave the weights alone; good steps change them.
+    assert torch.equal(calls[4], calls[5]) and torch.equal(calls[5], calls[6])
+    assert not torch.equal(calls[3], calls[4]) and not torch.equal(calls[6], calls[7])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in records if "loss" in r}
+    assert by_step[4]["skipped_steps"] == 0 and by_step[6]["skipped_steps"] == 2 and by_step[9]["skipped_steps"] == 2
+    assert math.isfinite(by_step[9]["loss"]) and math.isnan(by_step[12]["loss"]) and by_step[12]["stopped"]
+    # No checkpoint while the steps were bad; the last good one is complete and loads.
+    steps = [s for s, _ in list_checkpoints(run)]
+    assert steps == [1, 2, 3, 4, 7, 8, 9]
+    meta = json.loads((run / "checkpoints" / "step-000009" / "meta.json").read_text())
+    assert meta["skipped_steps"] == 2
+    from zagreus.train.checkpoint import load_checkpoint_model
+
+    model, _ = load_checkpoint_model(run)
+    assert torch.equal(model.layers["0"].mlp.up_proj.weight, calls[9])
