@@ -1,0 +1,1 @@
+"""Launchers: sbatch scripts for multi-node torchrun under Slurm."""
