@@ -83,7 +83,10 @@ def check_task_names(names: list[str]) -> None:
     for name in unknown:
         if name in all_names or Path(name).is_file():
             continue
-        close = difflib.get_close_matches(name, sorted(all_names), n=6, cutoff=0.6)
+        # Offline tasks also answer to their short name (arc_it -> zagreus_arc_it).
+        short = {display_name(n): n for n in known}
+        matches = difflib.get_close_matches(name, sorted(all_names | set(short)), n=8, cutoff=0.6)
+        close = list(dict.fromkeys(x for m in matches for x in (m if m in all_names else None, short.get(m)) if x))[:6]
         hint = f"closest: {', '.join(close)}" if close else "run `lm-eval ls tasks` for lm-eval's tasks"
         raise UserError(f"unknown task '{name}'; {hint} (offline tasks: {', '.join(local_task_names())})")
 
