@@ -159,12 +159,17 @@ class ScheduleSection(Strict):
 
 
 class ParallelSection(Strict):
-    dp_shard: int = Field(-1, description="FSDP2 degree; -1 takes every rank left by the others")
-    dp_replicate: int = 1
-    tp: int = 1
-    pp: int = 1
+    """Degrees on one DeviceMesh (product = torchrun's world size); see zagreus.train.parallel."""
+
+    dp_shard: int = Field(-1, ge=-1, description="FSDP2 degree; -1 takes every rank left by the others")
+    dp_replicate: int = Field(1, ge=1, description="replicas of the dp_shard groups (HSDP), or plain replication")
+    tp: int = Field(1, ge=1, description="tensor parallel degree (keep within a node)")
+    pp: int = Field(1, ge=1, description="pipeline stages (needs untied embeddings)")
     pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
-    pp_microbatches: int = 0
+    pp_microbatches: int = Field(0, ge=0, description="pipeline micro-batches per step; 0 = pp")
+    param_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="FSDP2 compute dtype of parameters; auto = bfloat16 on CUDA, float32 on CPU")
+    loss_parallel: bool = Field(True, description="with tp > 1, keep logits sharded over the vocabulary in the loss")
 
 
 class CheckpointSection(Strict):
