@@ -114,6 +114,7 @@ class DataSection(Strict):
     tokens: float | None = Field(None, gt=0, description="total token budget; None takes every document")
     validation_fraction: float = Field(0.01, ge=0, lt=1)
     shard_tokens: int = Field(100_000_000, ge=1000)
+    unit_bytes: int = Field(4 << 20, ge=1024, description="input bytes per work unit (the grain of parallelism and resume)")
     add_bos: bool = True
     add_eos: bool = False
     executor: ExecutorSection = ExecutorSection()

@@ -72,8 +72,9 @@ def slurm_executors(plan: Plan, cfg: ExecutorSection, logging_dir: Path) -> tupl
     if not cfg.partition:
         raise ValueError("data.executor.partition is required for kind: slurm")
     env = cfg.env_command or f"source {Path(sys.prefix) / 'bin' / 'activate'}"
-    common = dict(time=cfg.time, partition=cfg.partition, cpus_per_task=cfg.cpus_per_task,
-                  mem_per_cpu_gb=cfg.mem_per_cpu_gb, env_command=env, skip_completed=True)
+    # sbatch wants an integer amount: a fractional "2.5G" would be rejected, so pass megabytes.
+    common = dict(time=cfg.time, partition=cfg.partition, cpus_per_task=cfg.cpus_per_task, env_command=env,
+                  sbatch_args={"mem-per-cpu": f"{round(cfg.mem_per_cpu_gb * 1024)}M"}, skip_completed=True)
     units = SlurmPipelineExecutor([TokenizeUnits(str(plan.data_dir), plan.hash)], tasks=_tasks(cfg),
                                   workers=cfg.workers, job_name=f"{cfg.job_name}-units",
                                   logging_dir=str(logging_dir / "units"), **common)

@@ -109,7 +109,7 @@ def plan_units(data: DataSection, resolve: Callable[[str], Path] = Path) -> tupl
     units: list[WorkUnit] = []
     origins = {}
     for s in data.sources:
-        units += plan_source(s, len(units), resolve)
+        units += plan_source(s, len(units), data.unit_bytes, resolve)
         origins[s.name] = s.hub or ("python stdlib" if s.stdlib else ", ".join(s.paths()))
     return units, origins
 

@@ -3,19 +3,20 @@
 A source (recipe `data.sources[i]`) is split at planning time into `WorkUnit`s whose list and
 order depend only on the inputs, never on the number of workers:
 
-  * plain `.jsonl` files: byte ranges of `CHUNK_BYTES` (a line belongs to the range its first
+  * plain `.jsonl` files: byte ranges of `unit_bytes` (recipe `data.unit_bytes`; a line belongs to the range its first
     byte falls in), so one big file still spreads over every worker;
   * `.jsonl.gz` / `.jsonl.zst`: one unit per file (compressed streams cannot be entered midway);
   * `.parquet`: one unit per row group;
   * `.txt`, `.html`/`.htm`, `.py` files (and the Python standard library): files grouped into
-    units of about `CHUNK_BYTES`, one document per file (HTML reduced to its visible text);
+    units of about `unit_bytes` (recipe `data.unit_bytes`), one document per file (HTML reduced to its visible text);
   * Hugging Face hub datasets: one unit per shard of the streamed dataset (its data files), or
     per block of `HUB_ROWS` rows when not streaming.
 
 `read_unit(unit, source)` yields `Doc`s and `Skip`s (bad input: malformed JSON, invalid UTF-8,
 empty text, missing text field), the latter carrying `file:line` for the warning. Datatrove's
-readers were measured for the plain-jsonl path and are slower (they build a `Document` object
-per line and shard only by file), so the hot path here reads bytes and parses with orjson.
+readers are not used for reading: they split work by file only (one 50 GB jsonl would occupy one
+task) and build a `Document` per record; here jsonl is read as bytes by range and parsed with
+orjson. Datatrove runs the pipeline instead (see executors.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import orjson
 from zagreus.errors import UserError
 from zagreus.recipe import Source
 
-CHUNK_BYTES = 4 << 20   # work unit size: small enough to balance 2 workers on a 50 MB file
 HUB_ROWS = 100_000      # rows per unit of a non-streamed hub dataset
 TEXT_SUFFIXES = {".txt": "txt", ".html": "html", ".htm": "html", ".py": "code"}
 SUPPORTED = ".jsonl, .jsonl.gz, .jsonl.zst, .parquet, .txt, .html, .htm, .py"
@@ -111,12 +111,12 @@ def stdlib_files() -> list[Path]:
                   if not ({"site-packages", "dist-packages"} & set(p.relative_to(root).parts)))
 
 
-def _group_files(files: list[Path], source: str, first: int) -> list[WorkUnit]:
+def _group_files(files: list[Path], source: str, first: int, unit_bytes: int) -> list[WorkUnit]:
     units, group, size = [], [], 0
     for f in files:
         group.append(str(f))
         size += f.stat().st_size
-        if size >= CHUNK_BYTES:
+        if size >= unit_bytes:
             units.append(WorkUnit(first + len(units), source, "files", files=tuple(group), size=size))
             group, size = [], 0
     if group:
@@ -139,7 +139,7 @@ def _load_hub(source: Source, streaming: bool | None = None):
         ) from None
 
 
-def plan_source(source: Source, first: int, resolve=lambda p: Path(p)) -> list[WorkUnit]:
+def plan_source(source: Source, first: int, unit_bytes: int, resolve=lambda p: Path(p)) -> list[WorkUnit]:
     """The work units of one source, numbered from `first`."""
     if source.hub is not None:
         ds = _load_hub(source)
@@ -158,13 +158,13 @@ def plan_source(source: Source, first: int, resolve=lambda p: Path(p)) -> list[W
             loose.append(f)
             continue
         if loose:
-            units += _group_files(loose, source.name, first + len(units))
+            units += _group_files(loose, source.name, first + len(units), unit_bytes)
             loose = []
         size = f.stat().st_size
         if kind == "jsonl":
-            for lo in range(0, max(size, 1), CHUNK_BYTES):
-                units.append(WorkUnit(first + len(units), source.name, kind, str(f), lo, min(lo + CHUNK_BYTES, size),
-                                      size=min(CHUNK_BYTES, size - lo)))
+            for lo in range(0, max(size, 1), unit_bytes):
+                units.append(WorkUnit(first + len(units), source.name, kind, str(f), lo, min(lo + unit_bytes, size),
+                                      size=min(unit_bytes, size - lo)))
         elif kind == "parquet":
             import pyarrow.parquet as pq
 
@@ -174,7 +174,7 @@ def plan_source(source: Source, first: int, resolve=lambda p: Path(p)) -> list[W
         else:
             units.append(WorkUnit(first + len(units), source.name, kind, str(f), size=size))
     if loose:
-        units += _group_files(loose, source.name, first + len(units))
+        units += _group_files(loose, source.name, first + len(units), unit_bytes)
     return units
 
 

@@ -1,0 +1,132 @@
+"""Tokenization throughput: our data pipeline vs datatrove's DocumentTokenizer vs bare tiktoken.
+
+The handbook (../shared/data/handbook-5lang.jsonl) is replicated into a temporary folder of
+8 jsonl files until it reaches --mb megabytes; every copy gets a first line "[copy k]" so no
+two documents are equal (dedup is not what is measured). All three sides use the Llama-3
+tokenizer and 2 workers:
+
+  ours       zagreus.data.stage.tokenize_data, quick form (read -> tokenize -> write shards +
+             manifest; BOS per document, no filters, no dedup), 2 worker processes
+  datatrove  JsonlReader + DocumentTokenizer (tokenizer.json exported from the same Llama-3
+             ranks, ids equal to tiktoken's, BOS per document) under LocalPipelineExecutor,
+             tasks=2, workers=2, shuffle_documents=False (less work than its default)
+  tiktoken   tiktoken Encoding.encode_ordinary_batch on the texts already in memory (no I/O)
+
+    python benchmarks/tokenize.py [--mb 50] [--filters]
+
+--filters also times our pipeline with the default recipe filters (length, quality, exact dedup).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file's name shadows the standard library's `tokenize` (imported by inspect, linecache...):
+# drop its folder from the import path before anything else is imported.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+HANDBOOK = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "handbook-5lang.jsonl"
+
+
+def make_corpus(folder: Path, mb: float, files: int = 8) -> list[str]:
+    docs = [json.loads(line) for line in HANDBOOK.open(encoding="utf-8")]
+    texts, size, k = [], 0, 0
+    while size < mb * 1e6:
+        for d in docs:
+            text = f"[copy {k}]\n{d['text']}"
+            texts.append(text)
+            size += len(text.encode("utf-8"))
+        k += 1
+    outs = [open(folder / f"part-{i:02d}.jsonl", "w", encoding="utf-8") for i in range(files)]
+    for i, text in enumerate(texts):
+        outs[i * files // len(texts)].write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    for f in outs:
+        f.close()
+    return texts
+
+
+def bench_tiktoken(texts: list[str]) -> tuple[float, int]:
+    from zagreus.tokenizer import load_tokenizer
+
+    enc = load_tokenizer("llama3")._tt
+    t0 = time.perf_counter()
+    ids = enc.encode_ordinary_batch(texts)
+    dt = time.perf_counter() - t0
+    return dt, sum(map(len, ids)) + len(texts)  # + BOS, to count like the others
+
+
+def bench_ours(corpus: Path, out: Path, filters: bool) -> tuple[float, int]:
+    from zagreus.data.stage import quick_data_section, tokenize_data
+    from zagreus.recipe import DataSection, TokenizerSection
+
+    data = quick_data_section([str(corpus)], workers=2)
+    if filters:
+        data = DataSection(**{**data.model_dump(), "filters": {"min_chars": 200, "quality": True, "dedup": "exact"}})
+    t0 = time.perf_counter()
+    manifest = tokenize_data(data, out, TokenizerSection(kind="llama3"), show_progress=False)
+    return time.perf_counter() - t0, manifest["totals"]["train"]["tokens"]
+
+
+def bench_datatrove(corpus: Path, out: Path, tokenizer_json: Path) -> tuple[float, int]:
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.tokens import DocumentTokenizer
+
+    executor = LocalPipelineExecutor(
+        [JsonlReader(str(corpus)),
+         DocumentTokenizer(str(out / "shards"), tokenizer_name_or_path=str(tokenizer_json), shuffle_documents=False)],
+        tasks=2, workers=2, logging_dir=str(out / "logs"))
+    t0 = time.perf_counter()
+    executor.run()
+    dt = time.perf_counter() - t0
+    tokens = sum(int(p.read_text().splitlines()[1]) for p in (out / "shards").glob("*.ds.metadata"))
+    return dt, tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=float, default=50.0)
+    ap.add_argument("--filters", action="store_true")
+    args = ap.parse_args()
+    from zagreus.tokenizer import load_tokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix="zagreus-bench-tokenize-"))
+    try:
+        corpus = tmp / "corpus"
+        corpus.mkdir()
+        texts = make_corpus(corpus, args.mb)
+        mbytes = sum(p.stat().st_size for p in corpus.iterdir()) / 1e6
+        load_tokenizer("llama3").save(tmp / "llama3")
+        print(f"corpus: {len(texts):,} documents, {mbytes:.1f} MB in 8 files; load average {os.getloadavg()[0]:.2f} "
+              f"on {os.cpu_count()} cores")
+        results = {}
+        results["tiktoken"] = bench_tiktoken(texts)
+        del texts
+        results["ours"] = bench_ours(corpus, tmp / "ours", filters=False)
+        results["datatrove"] = bench_datatrove(corpus, tmp / "datatrove", tmp / "llama3" / "tokenizer.json")
+        if args.filters:
+            results["ours+filters"] = bench_ours(corpus, tmp / "ours-filters", filters=True)
+        print(f"{'side':<14} {'seconds':>8} {'tokens':>12} {'M tokens/s':>11}")
+        rate = {}
+        for name, (dt, tokens) in results.items():
+            rate[name] = tokens / dt
+            print(f"{name:<14} {dt:>8.2f} {tokens:>12,} {rate[name] / 1e6:>11.3f}")
+        print(f"ours / datatrove = {rate['ours'] / rate['datatrove']:.2f}x (target >= 2)")
+        print(f"ours / tiktoken  = {rate['ours'] / rate['tiktoken']:.1%} (target >= 70%)")
+        if "ours+filters" in rate:
+            print(f"ours+filters / datatrove = {rate['ours+filters'] / rate['datatrove']:.2f}x")
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":  # datatrove's executor re-imports this module in its workers
+    main()

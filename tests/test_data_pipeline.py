@@ -1,0 +1,243 @@
+"""Data pipeline end to end: ids equal tiktoken's, datatrove reads the shards, any worker count and
+any executor give the same bytes, a SIGKILLed run resumes to the same bytes, budgets and splits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from zagreus.data import shards
+from zagreus.data.filters import is_validation, text_digest
+from zagreus.data.stage import check_shards, quick_data_section, tokenize_data
+from zagreus.errors import UserError
+from zagreus.recipe import DataSection, TokenizerSection
+
+LLAMA3 = TokenizerSection(kind="llama3")
+
+
+def handbook_docs(path: Path, per_lang: int, langs=("en", "it")) -> list[dict]:
+    """The first `per_lang` pages of each language, interleaved."""
+    docs = [json.loads(line) for line in path.open(encoding="utf-8")]
+    by_lang = [[d for d in docs if d["lang"] == lang][:per_lang] for lang in langs]
+    return [d for group in zip(*by_lang) for d in group]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def output_bytes(data_dir: Path) -> dict[str, bytes]:
+    """Every file a run leaves (shards, manifest, identity), by relative path."""
+    out = {str(p.relative_to(data_dir)): p.read_bytes() for p in sorted(data_dir.rglob("*"))
+           if p.is_file() and "logs" not in p.relative_to(data_dir).parts}
+    assert not any(".work" in k or ".tmp" in k for k in out), sorted(out)
+    return out
+
+
+def read_docs(folder: Path) -> list[np.ndarray]:
+    docs = []
+    for ds in sorted(folder.glob("*.ds")):
+        toks, ends = np.asarray(shards.read_tokens(ds)), shards.read_document_ends(ds)
+        docs += np.split(toks, ends[:-1].astype(np.int64))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, handbook_path) -> Path:
+    """60 English and Italian handbook pages in one jsonl (~600 KB)."""
+    return write_jsonl(tmp_path_factory.mktemp("corpus") / "hb.jsonl", handbook_docs(handbook_path, 30))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, corpus) -> Path:
+    data = quick_data_section([str(corpus)], workers=2)
+    data = DataSection(**{**data.model_dump(), "unit_bytes": 64 << 10, "shard_tokens": 40_000})
+    out = tmp_path_factory.mktemp("quick")
+    tokenize_data(data, out, LLAMA3, show_progress=False)
+    return out
+
+
+def test_shard_ids_equal_tiktoken(quick_run, corpus):
+    import tiktoken
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+
+    # Meta's own tiktoken Encoding from the same tokenizer.model: an independent reference.
+    meta = MetaTokenizer.get_instance()
+    assert isinstance(meta.model, tiktoken.Encoding)
+    texts = [json.loads(line)["text"] for line in corpus.open(encoding="utf-8")]
+    expected = [[meta.bos_id] + meta.model.encode_ordinary(t) for t in texts]
+    got = read_docs(quick_run / "train" / "input")
+    assert len(got) == len(expected) == 60
+    assert all(g.tolist() == e for g, e in zip(got, expected))
+    manifest = json.loads((quick_run / "manifest.json").read_text())
+    src = manifest["sources"]["input"]
+    assert src["train"]["tokens"] == sum(map(len, expected))
+    assert src["train"]["chars"] == sum(map(len, texts))
+    assert len(src["train"]["shards"]) > 1  # shard_tokens 40,000 rolled over
+    assert all(s["tokens"] <= 40_000 or s["docs"] == 1 for s in src["train"]["shards"])
+    assert manifest["token_dtype"] == "uint32" and manifest["tokenizer"]["bos_id"] == 128000
+    for s in src["train"]["shards"]:
+        meta_file = shards.read_metadata(quick_run / s["file"])
+        assert meta_file == {"tokenizer": "llama3", "token_size": 4, "tokens": s["tokens"]}
+
+
+def test_datatrove_folder_dataset_reads_our_shards(quick_run):
+    from datatrove.utils.dataset import DatatroveFolderDataset
+
+    folder = quick_run / "train" / "input"
+    seq = 255
+    ds = DatatroveFolderDataset(str(folder), seq_len=seq, token_size=4, return_positions=True)
+    flat = np.concatenate([np.asarray(shards.read_tokens(p)) for p in sorted(folder.glob("*.ds"))])
+    per_file = [len(shards.read_tokens(p)) // (seq + 1) for p in sorted(folder.glob("*.ds"))]
+    assert len(ds) == sum(per_file) > 10
+    item = ds[0]
+    assert item["input_ids"].tolist() == flat[:seq + 1].tolist()
+    # positions come from our .index file: they restart at 0 on every document's BOS
+    bos_at = np.flatnonzero(flat[:seq + 1] == 128000)
+    assert all(item["positions"][i] == 0 for i in bos_at)
+    assert item["positions"][1] == 1
+
+
+def test_any_worker_count_and_executor_gives_identical_bytes(tmp_path, corpus):
+    data = DataSection(
+        sources=[{"name": "en", "path": str(corpus), "language": "en", "weight": 3},
+                 {"name": "it", "path": str(corpus), "language": "it", "weight": 1}],
+        filters={"min_chars": 500, "dedup": "minhash"}, tokens=80_000, validation_fraction=0.2,
+        unit_bytes=48 << 10, shard_tokens=10_000)
+    outs = {}
+    for label, executor in [("1 worker", {"kind": "local", "workers": 1}), ("2 workers", {"kind": "local", "workers": 2}),
+                            ("datatrove 3 tasks", {"kind": "datatrove", "workers": 2, "tasks": 3})]:
+        d = DataSection(**{**data.model_dump(), "executor": executor})
+        tokenize_data(d, tmp_path / label, LLAMA3, show_progress=False)
+        outs[label] = output_bytes(tmp_path / label)
+    ref = outs["1 worker"]
+    assert len([k for k in ref if k.endswith(".ds")]) > 4
+    for label, got in outs.items():
+        assert got == ref, label
+    m = json.loads(ref["manifest.json"])
+    en, it = m["sources"]["en"], m["sources"]["it"]
+    assert en["budget_tokens"] == 60_000 and it["budget_tokens"] == 20_000
+    for s in (en, it):  # the budget is met, overshooting by at most the last document taken
+        got = s["train"]["tokens"] + s["val"]["tokens"]
+        assert s["budget_tokens"] <= got < s["budget_tokens"] + 20_000
+        assert s["val"]["docs"] < s["train"]["docs"]
+    assert en["val"]["docs"] + it["val"]["docs"] > 0
+    assert it["units"]["used"] < it["units"]["total"]  # the budget stopped reading early
+
+
+def test_validation_split_follows_text_hash(quick_run, corpus, tmp_path):
+    texts = [json.loads(line)["text"] for line in corpus.open(encoding="utf-8")]
+    data = DataSection(**{**quick_data_section([str(corpus)], 1).model_dump(), "validation_fraction": 0.25})
+    tokenize_data(data, tmp_path, LLAMA3, show_progress=False)
+    m = json.loads((tmp_path / "manifest.json").read_text())["sources"]["input"]
+    want_val = [t for t in texts if is_validation(text_digest(t)[1], 0.25)]
+    assert m["val"]["docs"] == len(want_val) and m["train"]["docs"] == len(texts) - len(want_val)
+    assert m["val"]["chars"] == sum(map(len, want_val))
+    assert 5 <= len(want_val) <= 25
+
+
+def test_shards_from_another_tokenizer_are_refused(quick_run, tmp_path, handbook_path):
+    from zagreus.tokenizer import train_bpe
+
+    assert check_shards(quick_run, "llama3")["sources"]["input"]["train"]["docs"] == 60
+    other = train_bpe([d["text"] for d in handbook_docs(handbook_path, 10)], 400, tmp_path / "bpe")
+    with pytest.raises(UserError, match="shards were made with tokenizer llama3"):
+        check_shards(quick_run, str(tmp_path / "bpe"))
+    assert other.vocab_size == 400
+
+
+def test_finished_folder_is_reused_and_another_plan_refused(quick_run, corpus):
+    before = output_bytes(quick_run)
+    data = quick_data_section([str(corpus)], workers=2)
+    same = DataSection(**{**data.model_dump(), "unit_bytes": 64 << 10, "shard_tokens": 40_000})
+    tokenize_data(same, quick_run, LLAMA3, show_progress=False)
+    assert output_bytes(quick_run) == before
+    with pytest.raises(UserError, match="already holds shards of another plan"):
+        tokenize_data(data, quick_run, LLAMA3, show_progress=False)
+
+
+KILL_SCRIPT = """
+import sys
+from pathlib import Path
+from zagreus.data.stage import tokenize_data
+from zagreus.recipe import DataSection, TokenizerSection
+if __name__ == "__main__":
+    data = DataSection.model_validate_json(Path(sys.argv[1]).read_text())
+    tokenize_data(data, Path(sys.argv[2]), TokenizerSection(kind="llama3"), show_progress=False)
+"""
+
+
+def test_sigkill_at_any_point_then_resume_is_byte_identical(tmp_path, corpus):
+    data = DataSection(sources=[{"name": "hb", "path": str(corpus)}], filters={"dedup": "minhash", "min_chars": 300},
+                       validation_fraction=0.1, unit_bytes=24 << 10, shard_tokens=15_000,
+                       executor={"kind": "local", "workers": 2})
+    spec = tmp_path / "data.json"
+    spec.write_text(data.model_dump_json())
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT)
+    ref = tmp_path / "ref"
+    tokenize_data(data, ref, LLAMA3, show_progress=False)
+    out = tmp_path / "killed"
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(script), str(spec), str(out)], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    kills = 0
+    # Kill points: after 2, then 8 finished work units (phase 2), then once shards appear (phase 3).
+    for ready in (lambda: len(list(out.glob(".work/*/units/*.npz"))) >= 2,
+                  lambda: len(list(out.glob(".work/*/units/*.npz"))) >= 8,
+                  lambda: (out / "train").exists()):
+        proc = start()
+        deadline = time.time() + 60
+        while proc.poll() is None and not ready() and time.time() < deadline:
+            time.sleep(0.005)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the pool's workers die too
+            kills += 1
+        proc.wait()
+    assert kills >= 2  # at least the phase-2 kills really happened
+    assert not (out / "manifest.json").exists() or kills < 3
+    proc = start()
+    assert proc.wait(timeout=120) == 0
+    assert output_bytes(out) == output_bytes(ref)
+    m = json.loads((ref / "manifest.json").read_text())["sources"]["hb"]
+    assert m["units"]["total"] > 10 and m["train"]["docs"] + m["val"]["docs"] > 50
+
+
+def test_slurm_dry_run_renders_both_jobs(tmp_path, corpus):
+    data = DataSection(sources=[{"name": "hb", "path": str(corpus)}], unit_bytes=64 << 10,
+                       executor={"kind": "slurm", "tasks": 4, "workers": 2, "partition": "cpu-long",
+                                 "time": "12:00:00", "cpus_per_task": 2, "mem_per_cpu_gb": 3})
+    scripts = tokenize_data(data, tmp_path / "data", LLAMA3, dry_run=True)
+    units = next(s for s in scripts if "--job-name=zagreus-data-units" in s)
+    final = next(s for s in scripts if "--job-name=zagreus-data-finalize" in s)
+    for line in ("#SBATCH --partition=cpu-long", "#SBATCH --time=12:00:00", "#SBATCH --cpus-per-task=2",
+                 "#SBATCH --mem-per-cpu=3072M", "#SBATCH --array=0-3%2", f"source {sys.prefix}/bin/activate",
+                 f"launch_pickled_pipeline {tmp_path / 'data' / 'logs' / 'units' / 'executor.pik'}"):
+        assert line in units, line
+    assert "#SBATCH --array=0-0" in final and "--dependency=afterok:" in final.splitlines()[0]
+    assert (tmp_path / "data" / "logs" / "units" / "executor.pik").is_file()
+    assert not (tmp_path / "data" / "manifest.json").exists()
+
+
+def test_stats_cli_prints_the_manifest_table(quick_run):
+    from typer.testing import CliRunner
+
+    from zagreus.cli import app
+
+    m = json.loads((quick_run / "manifest.json").read_text())
+    res = CliRunner().invoke(app, ["data", "stats", str(quick_run)])
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.output.splitlines() if line.startswith("input") and " train " in line)
+    assert f"{m['sources']['input']['train']['tokens']:,}" in row and " 60 " in row
+    assert "llama3" in res.output and "uint32" in res.output
