@@ -234,9 +234,10 @@ class SFTSection(Strict):
     init: str | None = Field(None, description="checkpoint or export folder; default the run's last pretraining checkpoint")
     datasets: list[ChatDataset] = Field(default_factory=list)
     template: Literal["chatml", "llama3"] = "chatml"
-    packing: bool = True
+    packing: bool = Field(True, description="several conversations per row with document masking; false pads one per row")
     seq_len: int = 4096
     micro_batch: int = 4
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     epochs: int = 3
     seed: int = 0
     optimizer: OptimizerSection = OptimizerSection(lr=1e-3)
@@ -249,9 +250,10 @@ class DPOSection(Strict):
     init: str | None = Field(None, description="SFT checkpoint or export folder; default the run's SFT result")
     datasets: list[ChatDataset] = Field(default_factory=list)
     template: Literal["chatml", "llama3"] = "chatml"
-    beta: float = 0.1
+    beta: float = Field(0.1, gt=0)
     seq_len: int = 2048
-    micro_batch: int = 4
+    micro_batch: int = Field(4, description="preference pairs per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     epochs: int = 1
     seed: int = 0
     optimizer: OptimizerSection = OptimizerSection(lr=5e-7, weight_decay=0.0)
