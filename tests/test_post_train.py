@@ -290,3 +290,45 @@ def test_post_training_recipes_check(name):
     result = CliRunner().invoke(app, ["check", str(path)])
     assert result.exit_code == 0, result.output
     assert "sft" in result.output
+
+
+def test_sft_starts_from_the_runs_latest_checkpoint_by_default(tok, tmp_path):
+    from zagreus.model.hf import load_hf
+    from zagreus.post.sft import run_sft
+    from zagreus.recipe import load_recipe
+    from zagreus.train.checkpoint import save_checkpoint
+
+    base = _model(tok, seed=7)
+    run_dir = tmp_path / "run"
+    tok.save(run_dir / "tokenizer")
+    save_checkpoint(run_dir / "checkpoints", 10, _model(tok, seed=8), None, {"model_config": base.cfg.model_dump()})
+    save_checkpoint(run_dir / "checkpoints", 20, base, None, {"model_config": base.cfg.model_dump()})
+    _write_jsonl(tmp_path / "qa.jsonl", [{"prompt": q, "completion": a} for q, a in QA])
+    # lr 0: the export must hold exactly the weights of the latest checkpoint (step 20).
+    recipe = load_recipe(_recipe(tmp_path, {"sft": {
+        "seq_len": 128, "micro_batch": 2, "epochs": 1, "datasets": [{"path": "qa.jsonl"}], "packing": False,
+        "optimizer": {"lr": 0.0}, "schedule": {"kind": "constant", "warmup": 0}, "device": "cpu"}}))
+    export_dir = run_sft(recipe)
+    summary = json.loads((run_dir / "sft" / "summary.json").read_text())
+    assert summary["init"] == str(run_dir) and summary["rows"] == 6 and summary["steps"] == 3
+    exported = load_hf(export_dir).state_dict()
+    for name, value in base.state_dict().items():
+        assert torch.equal(exported[name], value), name
+
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    from zagreus.cli import main
+
+    path = _recipe(tmp_path, {})
+    monkeypatch.setattr("sys.argv", ["zagreus", "sft", str(path)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no sft: section" in err and "\n" not in err
+    path = _recipe(tmp_path, {"dpo": {"init": "missing-folder", "datasets": [{"hub": "some/dataset"}]}})
+    monkeypatch.setattr("sys.argv", ["zagreus", "dpo", str(path)])
+    with pytest.raises(SystemExit):
+        main()
+    err = capsys.readouterr().err.strip()
+    assert "missing-folder does not exist; fix the path" in err and "\n" not in err
