@@ -37,6 +37,8 @@ from zagreus.recipe import Source
 
 HUB_ROWS = 100_000      # rows per unit of a non-streamed hub dataset
 TEXT_SUFFIXES = {".txt": "txt", ".html": "html", ".htm": "html", ".py": "code"}
+HTML_BLOCKS = ("p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "section",
+               "article", "header", "footer", "table", "ul", "ol", "dt", "dd", "title")
 SUPPORTED = ".jsonl, .jsonl.gz, .jsonl.zst, .parquet, .txt, .html, .htm, .py"
 
 
@@ -64,7 +66,6 @@ class WorkUnit:
 @dataclass
 class Doc:
     text: str
-    where: str  # file:line (or file, hub:row) for messages
 
 
 @dataclass
@@ -196,7 +197,7 @@ class _Records:
             return None  # another language of a multilingual file: not ours, not an error
         if not text.strip():
             return Skip("empty", where, len(text))
-        return Doc(text, where)
+        return Doc(text)
 
 
 def _line_reader(stream, path: str, first_line: int, records: _Records, stop_after: int | None = None
@@ -279,6 +280,8 @@ def html_to_text(raw: bytes) -> str:
         return ""
     for bad in root.xpath("//script|//style|//noscript|//template"):
         bad.drop_tree()
+    for block in root.iter(*HTML_BLOCKS):  # block elements end a line of text
+        block.tail = "\n" + (block.tail or "")
     lines = (" ".join(line.split()) for line in root.text_content().splitlines())
     return "\n".join(line for line in lines if line)
 
@@ -295,7 +298,7 @@ def _read_files(unit: WorkUnit, records: _Records) -> Iterator[Doc | Skip]:
             except UnicodeDecodeError:
                 yield Skip("invalid_utf8", path, len(raw))
                 continue
-        yield Doc(text, path) if text.strip() else Skip("empty", path, len(text))
+        yield Doc(text) if text.strip() else Skip("empty", path, len(text))
 
 
 def _read_parquet(unit: WorkUnit, records: _Records) -> Iterator[Doc | Skip]:
