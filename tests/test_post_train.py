@@ -185,7 +185,7 @@ def test_sft_run_learns_answers_and_counts_skips(tok, init_export, tmp_path, cap
     torch.manual_seed(0)
     with caplog.at_level(logging.WARNING, logger="zagreus.post.datasets"):
         export_dir = run_sft(recipe)
-    assert any(f"chat.jsonl:6" in r.getMessage() and "1 malformed" in r.getMessage() for r in caplog.records)
+    assert any("chat.jsonl:6" in r.getMessage() and "1 malformed" in r.getMessage() for r in caplog.records)
     summary = json.loads((tmp_path / "run" / "sft" / "summary.json").read_text())
     assert summary["data"]["total"] == {"rows": 9, "kept": 7, "skipped_no_assistant": 1, "skipped_malformed": 1}
     assert summary["rows"] == 1 and summary["steps"] == 80  # seven conversations packed into one row

@@ -54,10 +54,6 @@ class RenderedChat:
     def __len__(self) -> int:
         return len(self.ids)
 
-    @property
-    def n_trained(self) -> int:
-        return sum(self.assistant_mask)
-
 
 # --- validation -----------------------------------------------------------------------------
 def _text_of(content: Any, where: str) -> str | None:

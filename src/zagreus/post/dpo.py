@@ -188,7 +188,7 @@ def run_dpo(recipe, force: bool = False) -> Path:
                 rejected_r.append(rr)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), sec.optimizer.clip)
             if not torch.isfinite(grad_norm):
-                raise RuntimeError(f"dpo: non-finite gradient norm at step {step}; lower dpo.optimizer.lr")
+                raise UserError(f"dpo: non-finite gradient norm at step {step}; lower dpo.optimizer.lr")
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1

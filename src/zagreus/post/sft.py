@@ -203,7 +203,7 @@ def run_sft(recipe, force: bool = False) -> Path:
                 seen_tokens += b.tokens.numel()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), sec.optimizer.clip)
             if not torch.isfinite(grad_norm):
-                raise RuntimeError(f"sft: non-finite gradient norm at step {step}; lower sft.optimizer.lr")
+                raise UserError(f"sft: non-finite gradient norm at step {step}; lower sft.optimizer.lr")
             opt.step()
             opt.zero_grad(set_to_none=True)
             last_loss = total / n_trained
