@@ -375,3 +375,46 @@ def test_web_page_streams_a_reply(server, reference):
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_chat_loop_llama3_template_and_commands(export_dir):
+    """The terminal loop in-process with the Llama-3 template: replies equal generate on the
+    Llama-3 rendering, /reset forgets, unknown commands print help."""
+    from zagreus.model.generate import SamplingParams, generate
+    from zagreus.post.chat import render, stop_token_ids
+    from zagreus.serve.chat_cli import HELP, chat_loop
+    from zagreus.serve.engine import open_engine
+
+    engine = open_engine(export_dir, template="llama3")
+    tok = engine.tokenizer
+    assert engine.stop_ids == stop_token_ids(tok, "llama3") and tok.special_tokens["<|eot_id|>"] in engine.stop_ids
+    lines = iter(["Say hello\n", "/help\n", "/reset\n", "Say hello\n", ""])
+    out: list[str] = []
+    chat_loop(engine, SamplingParams(temperature=0, max_new_tokens=12), lambda: next(lines), out.append, system="Be kind.")
+    msgs = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Say hello"}]
+    prompt = render(msgs, tok, template="llama3", add_generation_prompt=True).ids
+    assert prompt[:2] == [tok.bos_id, tok.special_tokens["<|start_header_id|>"]]
+    expected = tok.decode(generate(engine.model, prompt, SamplingParams(max_new_tokens=12, stop_ids=engine.stop_ids)))
+    assert "".join(out) == f"{expected}\n{HELP}\n(conversation reset)\n{expected}\n"
+
+
+def test_context_policies(export_dir):
+    """Server policy: ContextOverflow (-> 400). Terminal policy: drop the oldest turns after the system prompt."""
+    from zagreus.post.chat import render
+    from zagreus.serve.engine import ContextOverflow, open_engine
+
+    engine = open_engine(export_dir)
+    system = {"role": "system", "content": "Be kind."}
+    turn = [{"role": "user", "content": "Il gatto dorme sul divano. " * 30}, {"role": "assistant", "content": "Sto bene."}]
+    msgs = [system] + turn + turn + [{"role": "user", "content": "Say hello"}]
+
+    def length(m):
+        return len(render(m, engine.tokenizer, add_generation_prompt=True).ids)
+
+    assert length(msgs) >= engine.context_length > length([system] + turn + msgs[-1:])  # the premise
+    with pytest.raises(ContextOverflow, match="context is 384 tokens"):
+        engine.render_chat(msgs)
+    kept = engine.render_chat(msgs, truncate=True)
+    assert kept == render([system] + turn + msgs[-1:], engine.tokenizer, add_generation_prompt=True).ids
+    with pytest.raises(ContextOverflow):  # the last message alone is too long: nothing left to drop
+        engine.render_chat([system, {"role": "user", "content": "gatto " * 1000}], truncate=True)
