@@ -222,7 +222,7 @@ def test_stop_strings(client):
     assert "".join(c.choices[0].delta.content or "" for c in stream) == "Hello! How can I "
 
 
-def test_tool_calls(client):
+def test_tool_calls(client, reference):
     msgs = [{"role": "user", "content": "What is the weather in Rome?"}]
     r = client.chat.completions.create(model=NAME, messages=msgs, tools=[WEATHER], temperature=0)
     choice = r.choices[0]
@@ -242,6 +242,10 @@ def test_tool_calls(client):
     [delta_call] = [tc for c in stream for tc in (c.choices[0].delta.tool_calls or [])]
     assert delta_call.function.name == "get_weather" and json.loads(delta_call.function.arguments) == {"city": "Rome"}
     assert stream[-1].choices[0].finish_reason == "tool_calls"
+    # tool_choice "none": the tools are not offered, so the prompt is the plain one.
+    r3 = client.chat.completions.create(model=NAME, messages=msgs, tools=[WEATHER], tool_choice="none",
+                                        temperature=0, max_tokens=16)
+    assert r3.choices[0].message.content == reference.chat(msgs, max_tokens=16)[0]
 
 
 def test_completions(client, reference):
@@ -285,6 +289,7 @@ def test_bad_requests(server, client, reference):
         (json.dumps({"model": NAME}).encode(), "messages: Field required"),
         (json.dumps({"messages": HELLO_MSGS, "temperature": -1}).encode(), "temperature"),
         (json.dumps({"messages": HELLO_MSGS, "n": 3}).encode(), "n:"),
+        (json.dumps({"messages": HELLO_MSGS, "logprobs": True}).encode(), "logprobs: not supported"),
     ]
     for body, fragment in cases:
         r = httpx.post(url, content=body, headers={"Content-Type": "application/json"})

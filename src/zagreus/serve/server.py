@@ -53,6 +53,7 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    logprobs: bool | int | None = None
 
 
 class ChatRequest(_Sampling):
@@ -162,6 +163,10 @@ def create_app(engine: Engine) -> FastAPI:
             raise APIError(404, f"model '{req.model}' is not served here; this server serves '{engine.name}'",
                            param="model", code="model_not_found")
 
+    def unsupported(req: _Sampling) -> None:
+        if req.logprobs:
+            raise APIError(400, "logprobs: not supported by this server", param="logprobs")
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": engine.name, "context_length": engine.context_length,
@@ -180,8 +185,10 @@ def create_app(engine: Engine) -> FastAPI:
     async def chat_completions(request: Request):
         req: ChatRequest = _parse(ChatRequest, await request.body())
         check_model(req)
+        unsupported(req)
         try:
-            prompt = engine.render_chat(req.messages, tools=req.tools)
+            # tool_choice "none" means the model must answer in prose: the tools are not offered.
+            prompt = engine.render_chat(req.messages, tools=None if req.tool_choice == "none" else req.tools)
         except ContextOverflow as exc:
             raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except ValueError as exc:
@@ -244,6 +251,7 @@ def create_app(engine: Engine) -> FastAPI:
     async def completions(request: Request):
         req: CompletionRequest = _parse(CompletionRequest, await request.body())
         check_model(req)
+        unsupported(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, f"prompt: one prompt per request is supported, got {len(prompts)}", param="prompt")
