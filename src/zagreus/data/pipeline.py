@@ -148,21 +148,26 @@ class UnitProcessor:
         return self.plan.unit_path(unit).is_file()
 
     def over_budget(self, unit: WorkUnit) -> bool:
-        """True when finished earlier units of the source already hold the budget with margin.
+        """True when finished earlier units of the source already fill its token budget or
+        `max_documents`, with a margin for what dedup may still remove.
 
         Only an optimisation: finalize processes any unit it turns out to need, so skipping
         here never changes the output.
         """
         budget = self.plan.budgets()[unit.source]
-        if budget is None:
+        max_docs = self.plan.source(unit.source).max_documents
+        if budget is None and max_docs is None:
             return False
-        have = 0
+        tokens = docs = 0
         for u in self.plan.units:
             if u.index >= unit.index:
                 break
             if u.source == unit.source and self.done(u):
-                have += int(json.loads(self.plan.unit_path(u).with_suffix(".json").read_text())["tokens"])
-        return have >= budget * BUDGET_MARGIN
+                summary = json.loads(self.plan.unit_path(u).with_suffix(".json").read_text())
+                tokens += summary["tokens"]
+                docs += summary["docs"]
+        return ((budget is not None and tokens >= budget * BUDGET_MARGIN)
+                or (max_docs is not None and docs >= max_docs * BUDGET_MARGIN))
 
     def process(self, unit: WorkUnit, progress: Callable[[int, int, int], None] | None = None) -> None:
         source = self.plan.source(unit.source)
