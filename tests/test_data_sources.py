@@ -140,8 +140,11 @@ def test_hub_reader_handles_records_of_a_local_datasets_folder(tmp_path, streami
     folder = tmp_path / "ds" / "data"
     folder.mkdir(parents=True)
     langs = ["en", "it"] * 4
-    pq.write_table(pa.table({"text": TEXTS + [""], "lang": langs[:8]}), folder / "train-00000-of-00001.parquet")
+    texts = TEXTS + [""]
+    for i, (lo, hi) in enumerate([(0, 5), (5, 8)]):  # two data files: two shards when streamed
+        pq.write_table(pa.table({"text": texts[lo:hi], "lang": langs[lo:hi]}), folder / f"train-0000{i}-of-00002.parquet")
     source = Source(name="h", hub=str(tmp_path / "ds"), streaming=streaming, language="it")
+    assert len(plan_source(source, 0, 1 << 20)) == (2 if streaming else 1)
     items = read_source(source)
     docs = [i for i in items if isinstance(i, Doc)]
     assert [d.text for d in docs] == [t for t, lang in zip(TEXTS, langs) if lang == "it"]

@@ -36,6 +36,7 @@ shard it by band as datatrove's multi-stage MinHash does.
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 
@@ -44,6 +45,9 @@ LANGUAGE_PREFIX = 2000
 # recognised as German instead of being forced into the closest requested language.
 LANGUAGE_CANDIDATES = ["en", "it", "es", "fr", "pt", "de", "nl", "ca", "ro", "pl", "ru", "sv", "da", "tr", "la"]
 BULLETS = ("•", "‣", "-", "*", "·")
+# A whitespace-separated word made only of digits, '_' and punctuation (no letter); a regex
+# count is ~3x faster than testing every character of every word in Python.
+_NO_LETTER_WORD = re.compile(r"(?<!\S)(?:[\d_]|[^\w\s])+(?!\S)")
 
 
 def normalise(text: str) -> str:
@@ -91,7 +95,7 @@ def quality_reason(text: str) -> str | None:
                 seen.add(line)
         if dup_lines / len(lines) > 0.3 or dup_chars / max(1, sum(map(len, lines))) > 0.2:
             return "duplicate_lines"
-    if sum(any(c.isalpha() for c in w) for w in words) / n < 0.8:
+    if (n - len(_NO_LETTER_WORD.findall(text))) / n < 0.8:
         return "alpha_words"
     if "lorem ipsum" in text.lower():
         return "lorem_ipsum"
