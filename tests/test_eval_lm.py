@@ -141,7 +141,8 @@ def test_rolling_and_generation_match_hflm(our_lm, hf_lm):
     rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
     for ours, ref in zip(our_lm.loglikelihood_rolling(rolling, True), hf_lm.loglikelihood_rolling(rolling, True)):
         assert ours == pytest.approx(ref, abs=1e-4)
-    prompts = ["Il calore si sposta", "Domanda: la luna"]
+    # Different lengths, decoded in one left-padded batch (batch size 4).
+    prompts = ["Il calore si sposta", "Domanda: la luna e il sole, il giorno e la notte", "Vento"]
 
     def generate(lm, until: list[str]) -> list[str]:
         kwargs = {"until": until, "max_gen_toks": 12, "do_sample": False}

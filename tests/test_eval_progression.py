@@ -154,3 +154,22 @@ def test_cli_errors_are_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path}: no checkpoints (expected {tmp_path}/checkpoints/"
                                                 f"step-N folders); run `zagreus pretrain` first or pass a model "
                                                 f"folder without --every-checkpoint"]
+
+
+def test_cli_every_checkpoint_takes_the_recipe_eval_section(tmp_path, tokenizer_dir, data_dir):
+    from typer.testing import CliRunner
+
+    from zagreus.cli import app
+
+    build_export(tmp_path / "checkpoints" / "step-000050", tokenizer_dir, seed=7)
+    (tmp_path / "recipe.yaml").write_text(
+        f"name: t\neval:\n  tasks: [zagreus_arc_it]\n  limit: 4\n  data_dir: {data_dir}\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--every-checkpoint"])
+    assert result.exit_code == 0, result.output
+    assert "evaluated 1 new checkpoint(s): step-50" in result.output
+    cached = json.loads((tmp_path / "eval" / "step-000050.json").read_text())["tasks"]["zagreus_arc_it"]
+    assert cached["samples"] == 4 and cached["settings"] == {"num_fewshot": None, "limit": 4}
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "checkpoints" / "step-000050"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["tasks"]["zagreus_arc_it"]["metrics"] == cached["metrics"]

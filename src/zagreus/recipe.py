@@ -201,11 +201,14 @@ class PretrainSection(Strict):
 
 # --- evaluation -----------------------------------------------------------------------------
 class EvalSection(Strict):
-    tasks: list[str] = Field(default_factory=list)
-    num_fewshot: dict[str, int] = Field(default_factory=dict)
-    limit: int | None = None
-    batch_size: int = 16
-    data_dir: str | None = None
+    tasks: list[str] = Field(default_factory=list, description="lm-eval tasks, or the offline zagreus_* ones")
+    num_fewshot: dict[str, int] = Field(default_factory=dict, description="per task, e.g. {m_mmlu_it: 5}")
+    limit: int | None = Field(None, ge=1, description="items per task; None evaluates all")
+    batch_size: int = Field(16, ge=1)
+    data_dir: str | None = Field(None, description="folder with the files of the offline zagreus_* tasks")
+    quick_task: str | None = Field(None, description="multiple-choice task for zagreus.eval.run.quick_mc_eval "
+                                                     "during pretraining (every pretrain.eval_every steps)")
+    quick_limit: int = Field(200, ge=1, description="items of quick_task per quick eval")
 
 
 # --- post-training --------------------------------------------------------------------------

@@ -21,10 +21,9 @@ def _recipe_defaults(model: Path) -> dict:
         if (folder / "recipe.yaml").is_file():
             from zagreus.recipe import load_recipe
 
-            section = load_recipe(folder / "recipe.yaml", check_inputs=False).eval
-            data_dir = section.data_dir
-            if data_dir is not None:
-                data_dir = str(Path(data_dir) if Path(data_dir).is_absolute() else folder / data_dir)
+            recipe = load_recipe(folder / "recipe.yaml", check_inputs=False)
+            section = recipe.eval
+            data_dir = str(recipe.resolve_path(section.data_dir)) if section.data_dir else None
             return {"tasks": section.tasks, "num_fewshot": section.num_fewshot or None, "limit": section.limit,
                     "batch_size": section.batch_size, "data_dir": data_dir}
     return {}

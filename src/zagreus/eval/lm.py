@@ -2,7 +2,7 @@
 
 `lm-eval --model zagreus --model_args pretrained=PATH` (or `ZagreusLM(model=..., tokenizer=...)`)
 scores with `zagreus.eval.scorer` (packed choices, output matrix only where needed) and
-generates with `zagreus.model.generate` (KV cache). Tokenisation reproduces lm-eval's `hf`
+generates in left-padded batches with the KV cache and `zagreus.model.generate`'s token picker. Tokenisation reproduces lm-eval's `hf`
 model on our exported tokenizer: its post-processor prepends <|begin_of_text|> to every
 encoded string (unless the string already starts with it) and special-token strings in the
 text are recognised, so both paths feed the model the same ids.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
@@ -27,8 +28,8 @@ log = logging.getLogger(__name__)
 class ZagreusLM(TemplateLM):
     """An lm-eval LM over a zagreus Transformer + Tokenizer.
 
-    batch_size: rows per forward pass is set by a token budget of batch_size x 256 tokens
-    (one row holds a context and all its choices).
+    batch_size: scoring packs rows up to a budget of batch_size x 256 tokens per forward pass
+    (one row holds a context and all its choices); generation decodes batch_size prompts at once.
     """
 
     def __init__(self, pretrained: str | Path | None = None, model=None, tokenizer=None,
@@ -51,6 +52,7 @@ class ZagreusLM(TemplateLM):
         self._max_length = int(max_length or model.cfg.max_seq_len)
         bs = 16 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
         self.batch_tokens = max(256, bs * 256)
+        self.gen_batch = bs
         # As the export's generation_config: end of text, and end of turn for chat models.
         self.stop_ids = tuple(i for i in (tokenizer.eos_id, tokenizer.special_tokens.get("<|im_end|>")) if i is not None)
 
@@ -110,36 +112,95 @@ class ZagreusLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled) continuation with the KV cache, cut at the first stop sequence."""
+        """Continuations with the KV cache, batched (left-padded), cut at the first stop sequence."""
+        import json
+
         from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-        from zagreus.model.generate import SamplingParams, generate_stream
+        from zagreus.model.generate import SamplingParams
 
         eos = self.zt.decode([self.eot_token_id])
-        out = []
-        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
-            context, gen_kwargs = req.args
-            kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
+        for indices in groups.values():
+            kwargs = normalize_gen_kwargs(dict(requests[indices[0]].args[1]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = int(kwargs.pop("max_gen_toks"))
-            prompt = self.tok_encode(context, left_truncate_len=self.max_length - max_gen)
             params = SamplingParams(
                 temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
                 top_p=float(kwargs.get("top_p", 1.0) or 1.0), top_k=int(kwargs.get("top_k", 0) or 0),
                 max_new_tokens=max_gen, stop_ids=self.stop_ids, seed=kwargs.get("seed"),
             )
-            generated: list[int] = []
-            text = ""
-            for token in generate_stream(self.model, prompt, params):
-                generated.append(token)
-                text = self.zt.decode(generated)
-                # Stop sequences are strings: check the decoded text, as HF's stopping criteria do.
-                if any(s in text for s in until):
-                    break
-            text = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-            out.append(text)
+            prompts = {i: self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - max_gen)
+                       for i in indices}
+            # Longest first, so each batch pads little.
+            order = sorted(indices, key=lambda i: -len(prompts[i]))
+            for b in range(0, len(order), self.gen_batch):
+                batch = order[b:b + self.gen_batch]
+                texts = generate_batch(self.model, [prompts[i] for i in batch], params, until, self.zt.decode)
+                for i, text in zip(batch, texts):
+                    text = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    out[i] = text
+                bar.update(len(batch))
+        bar.close()
         return out
+
+
+@torch.inference_mode()
+def generate_batch(model, prompts: list[list[int]], params, until: list[str], decode) -> list[str]:
+    """Decode several prompts at once: left padding, per-row RoPE positions, one KV cache.
+
+    A row stops at a stop id, once its decoded text holds a stop string (checked on the text,
+    as HF's stopping criteria do), or after max_new_tokens; the batch ends when all rows have.
+    """
+    from zagreus.model.generate import pick_token
+    from zagreus.model.llama import KVCache
+
+    device = next(model.parameters()).device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    budget = params.max_new_tokens
+    pads = torch.tensor([P - len(p) for p in prompts])
+    tokens = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=device)
+    steps = torch.arange(P)
+    positions = (steps[None] - pads[:, None]).clamp(min=0)
+    key_valid = torch.ones(B, P + budget, dtype=torch.bool)
+    key_valid[:, :P] = steps[None] >= pads[:, None]
+    # Causal over real tokens; a padding row sees itself only, so softmax never meets an empty row.
+    mask = torch.ones(P, P, dtype=torch.bool).tril()[None] & key_valid[:, None, :P] | torch.eye(P, dtype=torch.bool)
+    cache = KVCache.empty(model.cfg, B, P + budget, device=device, dtype=next(model.parameters()).dtype)
+    logits = model(tokens, positions=positions.to(device), mask=mask[:, None].to(device), cache=cache)[:, -1]
+    gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+    stops = set(params.stop_ids)
+    generated: list[list[int]] = [[] for _ in prompts]
+    seen = [list(p) for p in prompts]
+    texts = [""] * B
+    done = [False] * B
+    next_pos = torch.tensor([len(p) for p in prompts])
+    for step in range(budget):
+        feed = []
+        for b in range(B):
+            token = 0
+            if not done[b]:
+                token = pick_token(logits[b], seen[b], params, gen)
+                if token in stops:
+                    done[b] = True
+                else:
+                    generated[b].append(token)
+                    seen[b].append(token)
+                    texts[b] = decode(generated[b])
+                    done[b] = any(s in texts[b] for s in until)
+            feed.append(token)
+        if all(done) or step == budget - 1:
+            break
+        width = P + step + 1
+        logits = model(torch.tensor(feed, device=device)[:, None], positions=next_pos[:, None].to(device),
+                       mask=key_valid[:, None, None, :width].to(device), cache=cache)[:, -1]
+        next_pos += 1
+    return texts
 
 
 def make_lm(model_or_path, tokenizer=None, batch_size: int = 16, device: str | None = None) -> ZagreusLM:

@@ -94,10 +94,11 @@ def _pack(trees: list[_Tree], device: torch.device):
 
 @torch.inference_mode()
 def token_logprobs(model: Transformer, hidden: torch.Tensor, targets: torch.Tensor,
-                   chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target) and whether target is the argmax, for hidden states [N, D] and targets [N].
 
-    Chunked so the [chunk, vocab] logits stay in cache; fp32 like HFLM's log_softmax.
+    Chunked so the [chunk, vocab] logits stay in cache (16 rows measured best on CPU, d=64,
+    128k vocabulary); fp32 like HFLM's log_softmax.
     """
     weight = model.lm_head.weight
     logps, greedy = [], []
