@@ -1,7 +1,8 @@
 """Load check of `zagreus serve`: 32 concurrent streaming chat requests against a live server,
 no error allowed, with p50/p95 latency, time to first token and throughput; beside it the same
-requests sent one at a time, and the peer: transformers' `generate` on the same export, one
-request at a time (it has no server), with the throughput ratio.
+requests sent one at a time, our generate in-process (the model's speed without HTTP), and the
+peer: transformers' `generate` on the same export, one request at a time (it has no server), with
+the throughput ratios.
 
 The model: preset 'tiny' (d=128, 4 layers, context 512), random init, over an 8,192-token BPE
 trained on the handbook (../shared/data). Prompts: the opening of 32 different handbook pages,
@@ -103,10 +104,30 @@ def summary(label: str, results: list[dict], wall: float) -> dict:
     row = {"label": label, "requests": len(results), "tokens": tokens, "wall_s": wall,
            "p50_s": pct(lat, 50), "p95_s": pct(lat, 95), "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95),
            "tokens_per_s": tokens / wall, "requests_per_s": len(results) / wall}
-    print(f"{label:<34} {len(results):>3} req {tokens:>5} tok {wall:7.2f} s | latency p50 {row['p50_s']:6.2f} s "
+    print(f"{label:<36} {len(results):>3} req {tokens:>5} tok {wall:7.2f} s | latency p50 {row['p50_s']:6.2f} s "
           f"p95 {row['p95_s']:6.2f} s | first token p50 {row['ttft_p50_s']:6.2f} s p95 {row['ttft_p95_s']:6.2f} s | "
           f"{row['tokens_per_s']:7.1f} tok/s {row['requests_per_s']:5.2f} req/s")
     return row
+
+
+def zagreus_side(export: Path, prompts: list[str], max_tokens: int) -> tuple[list[dict], float]:
+    """Our generate_stream in-process, one request at a time: the model's speed without HTTP."""
+    from zagreus.model.generate import SamplingParams, generate
+    from zagreus.model.loading import load_model_and_tokenizer
+    from zagreus.post.chat import render, stop_token_ids
+
+    model, tok = load_model_and_tokenizer(export)
+    model.eval()
+    params = SamplingParams(max_new_tokens=max_tokens, stop_ids=stop_token_ids(tok, "chatml"))
+    results = []
+    start = time.perf_counter()
+    for p in prompts:
+        t0 = time.perf_counter()
+        ids = render([{"role": "user", "content": p}], tok, add_generation_prompt=True).ids
+        new = generate(model, ids, params)
+        t1 = time.perf_counter()
+        results.append({"latency": t1 - t0, "ttft": t1 - t0, "tokens": len(new), "text": tok.decode(new)})
+    return results, time.perf_counter() - start
 
 
 def transformers_side(export: Path, prompts: list[str], max_tokens: int) -> tuple[list[dict], float]:
@@ -188,11 +209,15 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+        local, wall_local = zagreus_side(export, prompts, args.max_tokens)
+        inproc = summary("zagreus generate in-process, serial", local, wall_local)
         peer, wall_peer = transformers_side(export, prompts, args.max_tokens)
-        theirs = summary("transformers generate, one at a time", peer, wall_peer)
+        theirs = summary("transformers generate, serial", peer, wall_peer)
         agree = sum(a["text"] == b["text"] for a, b in zip(load, peer))
         print(f"greedy replies identical to transformers': {agree}/{len(load)}")
-        print(f"throughput ratio (zagreus serve concurrent / transformers serial): "
+        print(f"throughput ratios: zagreus / transformers generate in-process "
+              f"{inproc['tokens_per_s'] / theirs['tokens_per_s']:.2f}x; "
+              f"zagreus serve (32 concurrent, over HTTP) / transformers generate in-process "
               f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x")
         if same != len(load):
             sys.exit("concurrent replies differ from one-at-a-time replies")
