@@ -195,8 +195,10 @@ class UnitProcessor:
             entry[0] += 1
             entry[1] += len(text)
 
+        reported = 0
+
         def flush() -> None:
-            nonlocal batch, batch_chars
+            nonlocal batch, batch_chars, reported
             if not batch:
                 return
             for text, ids in zip(batch, self.tok.encode_batch(batch)):
@@ -209,8 +211,10 @@ class UnitProcessor:
                 val.append(is_validation(skey, self.plan.data.validation_fraction))
                 if self.minhash is not None:
                     sigs.append(self.minhash.signature(np.asarray(ids, dtype=np.uint64)))
-            if progress:
-                progress(len(batch), int(sum(lengths[-len(batch):])), batch_chars)
+            if progress:  # characters stand in for bytes until the unit ends (see below)
+                step = min(batch_chars, max(0, unit.size - reported))
+                progress(len(batch), int(sum(lengths[-len(batch):])), step)
+                reported += step
             batch, batch_chars = [], 0
 
         for item in read_unit(unit, source):
@@ -239,6 +243,8 @@ class UnitProcessor:
             if batch_chars >= BATCH_CHARS:
                 flush()
         flush()
+        if progress and unit.size > reported:
+            progress(0, 0, unit.size - reported)  # the unit's bytes are all read now
 
         ends = np.cumsum(np.asarray(lengths, dtype=np.uint64)) if lengths else np.zeros(0, np.uint64)
         summary = {"unit": unit.index, "read": [read_docs, read_chars], "skipped": dict(sorted(skipped.items())),
@@ -253,11 +259,11 @@ class UnitProcessor:
                  sigs=np.stack(sigs) if sigs else np.zeros((0, 0), np.uint32))
         os.replace(tmp, path)  # the unit's completion marker
 
-    def run_ranks(self, rank: int, world: int, progress=None) -> None:
+    def run_ranks(self, rank: int, world: int) -> None:
         """Round-robin share of a datatrove task: units rank, rank + world, ..."""
         for unit in self.plan.units[rank::world]:
             if not self.done(unit) and not self.over_budget(unit):
-                self.process(unit, progress)
+                self.process(unit)
 
 
 # --- phase 3: finalize ----------------------------------------------------------------------
@@ -302,7 +308,7 @@ def _add(counter: dict, name: str, docs: int, chars: int) -> None:
     entry["chars"] += chars
 
 
-def finalize(plan: Plan, processor: UnitProcessor | None = None, progress: Callable[[int], None] | None = None) -> dict:
+def finalize(plan: Plan) -> dict:
     """Dedup, budget, split and write shards + manifest from the unit files (processing missing units)."""
     from zagreus.tokenizer import load_tokenizer
 
@@ -315,6 +321,7 @@ def finalize(plan: Plan, processor: UnitProcessor | None = None, progress: Calla
     near = NearDupIndex(f.minhash.num_perm, f.minhash.bands, f.minhash.threshold) if f.dedup == "minhash" else None
     budgets = plan.budgets()
     total_w = sum(s.weight for s in data.sources)
+    processor: UnitProcessor | None = None
     manifest_sources: dict[str, dict] = {}
     bad_all: list[str] = []
     skipped_all: Counter = Counter()
@@ -335,7 +342,7 @@ def finalize(plan: Plan, processor: UnitProcessor | None = None, progress: Calla
                 break
             if not plan.unit_path(unit).is_file():
                 processor = processor or UnitProcessor(plan)
-                processor.process(unit)
+                processor.process(unit)  # skipped by a worker as past the budget, but needed after dedup
             used += 1
             summary = json.loads(plan.unit_path(unit).with_suffix(".json").read_text())
             read[0] += summary["read"][0]
@@ -368,8 +375,6 @@ def finalize(plan: Plan, processor: UnitProcessor | None = None, progress: Calla
                 writers["val" if val[i] else "train"].write(ids, n_chars)
                 taken_tokens += len(ids)
                 taken_docs += 1
-            if progress:
-                progress(1)
         for w in writers.values():
             w.close()
         skipped_all.update(skipped)
@@ -454,6 +459,7 @@ class _Progress:
 def run_local(plan: Plan, workers: int, show_progress: bool = True) -> None:
     """Process the plan's missing units on a pool of `workers` processes (dynamic assignment)."""
     import multiprocessing as mp
+    import queue as queue_mod
 
     todo = [u for u in plan.units if not plan.unit_path(u).is_file()]
     if not todo:
@@ -474,7 +480,7 @@ def run_local(plan: Plan, workers: int, show_progress: bool = True) -> None:
             while not pending.ready() or not queue.empty():
                 try:
                     update(*queue.get(timeout=0.2))
-                except Exception:  # queue.Empty: nothing reported in the last 0.2 s
+                except queue_mod.Empty:
                     pass
             pending.get()  # re-raise a worker's exception here
     finally:

@@ -37,7 +37,7 @@ def _tokenizer(section: TokenizerSection, tokenizer_dir: Path | None, data: Data
             train_bpe(pipeline.iter_unit_texts(data, units, section.train.max_chars), section.train.vocab_size,
                       tokenizer_dir)
             (tokenizer_dir / TRAINED_MARKER).write_text("")
-        spec = str(tokenizer_dir)
+        spec = str(tokenizer_dir.resolve())  # workers (and Slurm jobs) may run from another directory
         return spec, load_tokenizer(spec)
     spec = "llama3" if section.kind == "llama3" else str(resolve(section.path))
     tok = load_tokenizer(spec)
@@ -54,6 +54,13 @@ def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection
                   dry_run: bool = False, show_progress: bool = True) -> dict | list[str]:
     """Run the stage; returns the manifest, or with `dry_run` on Slurm the sbatch scripts."""
     data_dir = Path(data_dir)
+    if data.filters.languages:
+        from zagreus.data.filters import LanguageFilter
+
+        try:
+            LanguageFilter(data.filters.languages, data.filters.language_threshold)
+        except ValueError as exc:
+            raise UserError(f"data.filters.languages: {exc}; use ISO 639-1 codes such as en, it") from None
     units, origins = pipeline.plan_units(data, resolve)
     spec, tok = _tokenizer(tokenizer, tokenizer_dir, data, units, resolve)
     plan = pipeline.make_plan(data, data_dir, spec, tok.identity(), units, origins)
@@ -68,7 +75,8 @@ def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection
                         "remove the folder or write to another one")
     plan.save()
     cfg = data.executor
-    logging_dir = Path(resolve(cfg.logging_dir)) if cfg.logging_dir else data_dir / "logs"
+    # One logging folder per plan: datatrove's completion markers of another plan must not skip tasks.
+    logging_dir = (Path(resolve(cfg.logging_dir)) if cfg.logging_dir else data_dir / "logs") / plan.hash
     log.info("plan %s: %d work units from %d source(s), tokenizer %s", plan.hash, len(units), len(data.sources), tok.name)
     if cfg.kind == "slurm":
         from zagreus.data.executors import launch_slurm
