@@ -242,3 +242,57 @@ def test_stats_cli_prints_the_manifest_table(quick_run):
     row = next(line for line in res.output.splitlines() if line.startswith("input") and " train " in line)
     assert f"{m['sources']['input']['train']['tokens']:,}" in row and " 60 " in row
     assert "llama3" in res.output and "uint32" in res.output
+
+
+def test_recipe_with_trained_tokenizer_and_code_source(tmp_path, corpus):
+    """The tiny demo's shape: two languages of one file, stdlib code, a BPE trained first."""
+    from typer.testing import CliRunner
+
+    from zagreus.cli import app
+    from zagreus.recipe import load_recipe
+    from zagreus.tokenizer import load_tokenizer
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: demo
+run_dir: {tmp_path / 'run'}
+tokenizer: {{train: {{vocab_size: 600, max_chars: 300000}}}}
+data:
+  sources:
+    - {{name: en, path: {corpus}, language: en, weight: 0.4}}
+    - {{name: it, path: {corpus}, language: it, weight: 0.4}}
+    - {{name: code, stdlib: true, weight: 0.2, max_documents: 30}}
+  filters: {{min_chars: 200, dedup: minhash}}
+  validation_fraction: 0.1
+  shard_tokens: 100000
+  executor: {{kind: local, workers: 2}}
+model: {{preset: tiny}}
+""")
+    res = CliRunner().invoke(app, ["data", "tokenize", str(recipe), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    tok = load_tokenizer(str(run / "tokenizer"))
+    assert tok.vocab_size == 600 and (run / "tokenizer" / "tokenizer_config.json").is_file()
+    m = json.loads((run / "data" / "manifest.json").read_text())
+    assert m["token_dtype"] == "uint16" and m["tokenizer"]["fingerprint"] == tok.fingerprint
+    assert m["sources"]["code"]["train"]["docs"] + m["sources"]["code"]["val"]["docs"] == 30
+    assert m["sources"]["code"]["units"]["used"] < m["sources"]["code"]["units"]["total"]
+    # ids in the shards are the trained tokenizer's, BOS first
+    docs = read_docs(run / "data" / "train" / "en")
+    en_texts = [json.loads(line)["text"] for line in corpus.open(encoding="utf-8")
+                if json.loads(line)["lang"] == "en"]
+    decoded = [tok.decode(d[1:].tolist()) for d in docs]
+    assert all(d[0] == tok.bos_id for d in docs) and set(decoded) <= set(en_texts) and len(set(decoded)) == len(docs)
+    assert all(d[1:].tolist() == tok.encode(text) for d, text in zip(docs, decoded))
+    assert check_shards(run / "data", str(run / "tokenizer"))["plan"] == m["plan"]
+    # a second run finds the finished plan (the trained tokenizer is reused, not retrained)
+    before = output_bytes(run / "data")
+    assert stage_again(recipe) == m and output_bytes(run / "data") == before
+    assert load_recipe(recipe).run_path() == run
+
+
+def stage_again(recipe: Path) -> dict:
+    from zagreus.data.stage import tokenize_recipe
+    from zagreus.recipe import load_recipe
+
+    return tokenize_recipe(load_recipe(recipe), show_progress=False)
