@@ -142,7 +142,7 @@ def server(export_dir):
     from zagreus.serve.engine import open_engine
     from zagreus.serve.server import create_app
 
-    engine = open_engine(export_dir, name=NAME)
+    engine = open_engine(export_dir, name=NAME, max_active=4)  # 4: the 8-request test also queues
     assert engine.template == "chatml"  # read from the export's chat_template
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
@@ -179,7 +179,8 @@ def test_trained_model_gives_its_answers(reference):
 def test_models_and_health(client, server):
     assert [m.id for m in client.models.list().data] == [NAME]
     health = httpx.get(server + "/health").json()
-    assert health == {"status": "ok", "model": NAME, "context_length": 384, "template": "chatml"}
+    assert {k: health[k] for k in ("status", "model", "context_length", "template", "running", "waiting")} == {
+        "status": "ok", "model": NAME, "context_length": 384, "template": "chatml", "running": 0, "waiting": 0}
 
 
 def test_chat_greedy_equals_generate(client, reference):
@@ -274,6 +275,23 @@ def test_concurrent_requests_match_solo(client, reference):
         together = list(pool.map(ask, range(len(prompts))))
     assert together == solo
     assert len(set(solo)) > 4  # different prompts really gave different replies
+
+
+def test_abandoned_stream_is_cancelled(server, client):
+    """A client that hangs up mid-stream stops its generation; the server stays consistent."""
+    body = {"model": NAME, "prompt": "Il gatto", "temperature": 0, "max_tokens": 350}
+    full = client.completions.create(**body).usage.completion_tokens
+    assert full == 350  # the premise: left alone, this request runs to its limit
+    before = httpx.get(server + "/health").json()["tokens_generated"]
+    with httpx.stream("POST", server + "/v1/completions", json={**body, "stream": True}) as r:
+        events = (line for line in r.iter_lines() if line.startswith("data: "))
+        assert json.loads(next(events)[6:])["choices"][0]["text"]
+        # Hang up after the first token.
+    deadline = time.time() + 20
+    while (health := httpx.get(server + "/health").json())["running"] or health["waiting"]:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    assert health["tokens_generated"] - before < full
 
 
 def test_bad_requests(server, client, reference):

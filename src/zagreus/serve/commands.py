@@ -64,11 +64,13 @@ def register(app: typer.Typer) -> None:
               host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 for every interface)"),
               port: int = typer.Option(8000, min=0, max=65535, help="TCP port"),
               template: Optional[str] = typer.Option(None, help=TEMPLATE_HELP),
-              name: Optional[str] = typer.Option(None, help="model id reported by /v1/models (default: the folder name)")) -> None:
+              name: Optional[str] = typer.Option(None, help="model id reported by /v1/models (default: the folder name)"),
+              max_running: int = typer.Option(16, min=1, help="requests generating at once (each holds a KV cache); "
+                                                             "the rest wait in arrival order")) -> None:
         """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health) and a web chat at /."""
         from zagreus.serve.engine import open_engine
         from zagreus.serve.server import serve as run_server
 
-        engine = open_engine(model, template=template, name=name)
+        engine = open_engine(model, template=template, name=name, max_active=max_running)
         typer.echo(f"serving {engine.name} on http://{host}:{port}/ (OpenAI API under /v1)")
         run_server(engine, host=host, port=port)

@@ -7,7 +7,9 @@ cache. A single worker thread is the only caller of the model: it advances the a
 round-robin, one token each per turn. A request therefore computes exactly the operations it
 would compute alone (same shapes, same order), so concurrent replies are bit-identical to solo
 ones and all of them stream at once; throughput is that of one sequence at a time (there is no
-batched decode), which is the price of that guarantee.
+batched decode, whose batch-size-dependent floating-point sums would break that guarantee). At most
+`max_active` requests run at once (each holds a KV cache); later ones wait in arrival order.
+Tokenizer calls (rendering, decoding) stay on the caller's side: the server's event loop thread.
 
 Context policy. A prompt must leave room for at least one new token. The server answers a longer
 prompt with HTTP 400 (`context_length_exceeded`, as OpenAI does); the terminal chat instead drops
@@ -17,7 +19,6 @@ the room left in the context.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import queue
@@ -56,10 +57,20 @@ class Job:
 
 
 class Scheduler:
-    """One worker thread that owns every model call and interleaves the active jobs token by token."""
+    """One worker thread that owns every model call and interleaves the active jobs token by token.
 
-    def __init__(self, model) -> None:
+    At most `max_active` jobs run at once (each holds a KV cache sized for its prompt and budget);
+    later ones wait in arrival order and allocate nothing until admitted.
+    """
+
+    def __init__(self, model, max_active: int = 16) -> None:
+        if max_active < 1:
+            raise UserError(f"--max-running {max_active}: at least one request must be able to run")
         self.model = model
+        self.max_active = max_active
+        self.running = 0
+        self.waiting = 0
+        self.tokens_generated = 0
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="zagreus-generate", daemon=True)
         self._thread.start()
@@ -79,20 +90,26 @@ class Scheduler:
         from zagreus.model.generate import generate_stream
 
         active: deque[tuple[Job, Iterator[int]]] = deque()
+        waiting: deque[Job] = deque()
         while True:
+            self.running, self.waiting = len(active), len(waiting)
             # Block only when idle; otherwise pick up newcomers between tokens.
-            pending = [self._inbox.get()] if not active else []
+            arrivals = [self._inbox.get()] if not active and not waiting else []
             while True:
                 try:
-                    pending.append(self._inbox.get_nowait())
+                    arrivals.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            for job in pending:
-                if job is None:
-                    for running, _ in active:
-                        _deliver(running, ("error", "server shutting down"))
-                    return
-                active.append((job, generate_stream(self.model, job.prompt, job.params)))
+            if None in arrivals:
+                for job in [j for j, _ in active] + list(waiting) + [j for j in arrivals if j is not None]:
+                    _deliver(job, ("error", "server shutting down"))
+                return
+            waiting.extend(arrivals)
+            while waiting and len(active) < self.max_active:
+                job = waiting.popleft()
+                if not job.cancelled.is_set():
+                    active.append((job, generate_stream(self.model, job.prompt, job.params)))
+            self.running, self.waiting = len(active), len(waiting)
             if not active:
                 continue
             job, tokens = active.popleft()
@@ -109,6 +126,7 @@ class Scheduler:
                 _deliver(job, ("error", f"generation failed: {exc}"))
                 continue
             job.produced += 1
+            self.tokens_generated += 1
             if _deliver(job, ("token", token)):
                 active.append((job, tokens))
             else:
@@ -201,7 +219,7 @@ def openai_tool_calls(calls: Sequence[dict], prefix: str) -> list[dict]:
 class Engine:
     """A model opened for chat: tokenizer, template, stop ids, and the generation worker."""
 
-    def __init__(self, model, tokenizer, template: str = "chatml", name: str = "zagreus") -> None:
+    def __init__(self, model, tokenizer, template: str = "chatml", name: str = "zagreus", max_active: int = 16) -> None:
         from zagreus.post.chat import stop_token_ids
 
         if template not in TEMPLATES:
@@ -213,9 +231,9 @@ class Engine:
         self.name = name
         self.context_length = model.cfg.max_seq_len
         self.stop_ids = list(stop_token_ids(tokenizer, template))
+        self.max_active = max_active
         self._scheduler: Scheduler | None = None
         self._lock = threading.Lock()
-        self._ids = itertools.count()
 
     # --- prompts ------------------------------------------------------------------------
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None, truncate: bool = False) -> list[int]:
@@ -255,14 +273,17 @@ class Engine:
     def scheduler(self) -> Scheduler:
         with self._lock:
             if self._scheduler is None:
-                self._scheduler = Scheduler(self.model)
+                self._scheduler = Scheduler(self.model, self.max_active)
             return self._scheduler
 
     def submit(self, prompt: Sequence[int], params, emit: Callable[[tuple[str, object]], None]) -> Job:
         return self.scheduler.submit(prompt, params, emit)
 
-    def next_id(self) -> int:
-        return next(self._ids)
+    def stats(self) -> dict:
+        sched = self._scheduler
+        if sched is None:
+            return {"running": 0, "waiting": 0, "tokens_generated": 0}
+        return {"running": sched.running, "waiting": sched.waiting, "tokens_generated": sched.tokens_generated}
 
     def close(self) -> None:
         with self._lock:
@@ -294,11 +315,12 @@ def template_of(folder: Path, explicit: str | None) -> str:
     raise UserError(f"{cfg}: chat_template is neither ChatML nor Llama-3; pass --template chatml|llama3")
 
 
-def open_engine(path: str | Path, template: str | None = None, name: str | None = None, device: str = "cpu") -> Engine:
+def open_engine(path: str | Path, template: str | None = None, name: str | None = None, device: str = "cpu",
+                max_active: int = 16) -> Engine:
     from zagreus.model.loading import load_model_and_tokenizer
 
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such model; pass an export folder, a checkpoint or a run directory")
     model, tokenizer = load_model_and_tokenizer(path, device=device)
-    return Engine(model, tokenizer, template_of(path, template), name or path.resolve().name)
+    return Engine(model, tokenizer, template_of(path, template), name or path.resolve().name, max_active=max_active)
