@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,18 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
+def save_checkpoint(run_dir: Path, step: int, tokenizer_dir: Path, seed: int) -> Path:
+    """A real pretraining checkpoint (DCP + meta.json) of the test model, tokenizer in the run dir."""
+    from zagreus.model.hf import load_hf
+    from zagreus.train.checkpoint import save_checkpoint as save
+
+    export = build_export(run_dir / "exports" / f"step-{step}", tokenizer_dir, seed=seed)
+    if not (run_dir / "tokenizer").is_dir():
+        shutil.copytree(tokenizer_dir, run_dir / "tokenizer")
+    model = load_hf(export)
+    return save(run_dir / "checkpoints", step, model, None, meta={"model_config": model.cfg.model_dump()})
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return write_arc_task_files(tmp_path_factory.mktemp("bench"), n_test=8, n_val=2)
@@ -42,9 +55,8 @@ def test_progression_caches_checkpoints(tmp_path, tokenizer_dir, data_dir, monke
     from zagreus.eval import run
     from zagreus.eval.progression import evaluate_run
 
-    # Checkpoint folders in the export format, which load_model_and_tokenizer opens as well.
     for i, step in enumerate((100, 200, 300)):
-        build_export(tmp_path / "checkpoints" / f"step-{step:06d}", tokenizer_dir, seed=i)
+        save_checkpoint(tmp_path, step, tokenizer_dir, seed=i)
     calls = []
     real_evaluate = run.evaluate
 
@@ -66,7 +78,7 @@ def test_progression_caches_checkpoints(tmp_path, tokenizer_dir, data_dir, monke
     assert set(files) == {eval_dir / f"progression.{x}" for x in ("md", "csv", "png")}
 
     # A fourth checkpoint: only it is evaluated on the rerun.
-    build_export(tmp_path / "checkpoints" / "step-000400", tokenizer_dir, seed=3)
+    save_checkpoint(tmp_path, 400, tokenizer_dir, seed=3)
     calls.clear()
     steps, _ = evaluate_run(tmp_path, ["zagreus_arc_it"], limit=6, data_dir=data_dir)
     assert steps == [400] and calls == ["step-000400"]
@@ -152,8 +164,8 @@ def test_cli_errors_are_one_line(tmp_path):
                            "--tasks", "zagreus_arc_it"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path}: no checkpoints (expected {tmp_path}/checkpoints/"
-                                                f"step-N folders); run `zagreus pretrain` first or pass a model "
-                                                f"folder without --every-checkpoint"]
+                                                f"step-N folders with meta.json); run `zagreus pretrain` first or "
+                                                f"pass a model folder without --every-checkpoint"]
 
 
 def test_cli_every_checkpoint_takes_the_recipe_eval_section(tmp_path, tokenizer_dir, data_dir):
@@ -161,7 +173,7 @@ def test_cli_every_checkpoint_takes_the_recipe_eval_section(tmp_path, tokenizer_
 
     from zagreus.cli import app
 
-    build_export(tmp_path / "checkpoints" / "step-000050", tokenizer_dir, seed=7)
+    save_checkpoint(tmp_path, 50, tokenizer_dir, seed=7)
     (tmp_path / "recipe.yaml").write_text(
         f"name: t\neval:\n  tasks: [zagreus_arc_it]\n  limit: 4\n  data_dir: {data_dir}\n", encoding="utf-8")
     result = CliRunner().invoke(app, ["eval", str(tmp_path), "--every-checkpoint"])

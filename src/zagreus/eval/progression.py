@@ -24,21 +24,17 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) for RUN_DIR/checkpoints/step-N, by step; UserError when there are none."""
+    """(step, folder) of the run's complete checkpoints, by step; UserError when there are none."""
+    from zagreus.train.checkpoint import list_checkpoints as complete_checkpoints
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
-    ckpt_root = run_dir / "checkpoints"
-    found = []
-    if ckpt_root.is_dir():
-        for d in ckpt_root.iterdir():
-            m = _STEP_DIR.match(d.name)
-            if m and d.is_dir():
-                found.append((int(m.group(1)), d))
+    found = complete_checkpoints(run_dir)
     if not found:
-        raise UserError(f"{run_dir}: no checkpoints (expected {ckpt_root}/step-N folders); "
+        raise UserError(f"{run_dir}: no checkpoints (expected {run_dir / 'checkpoints'}/step-N folders with meta.json); "
                         f"run `zagreus pretrain` first or pass a model folder without --every-checkpoint")
-    return sorted(found)
+    return found
 
 
 def _settings(num_fewshot: int | dict[str, int] | None, task: str, limit: int | float | None) -> dict:
