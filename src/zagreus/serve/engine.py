@@ -26,9 +26,12 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from zagreus.errors import UserError
+
+if TYPE_CHECKING:
+    from zagreus.model.generate import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ class Job:
     ("done", finish_reason) or ("error", message)."""
 
     prompt: list[int]
-    params: object  # SamplingParams
+    params: SamplingParams
     emit: Callable[[tuple[str, object]], None]
     budget: int
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -75,7 +78,7 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="zagreus-generate", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: Sequence[int], params, emit: Callable[[tuple[str, object]], None]) -> Job:
+    def submit(self, prompt: Sequence[int], params: SamplingParams, emit: Callable[[tuple[str, object]], None]) -> Job:
         prompt = list(prompt)
         budget = min(params.max_new_tokens, self.model.cfg.max_seq_len - len(prompt))
         job = Job(prompt, params, emit, budget)
@@ -153,6 +156,9 @@ class TextStream:
         self.stop = [s for s in stop if s]
         self.markers = self.stop + ([TOOL_CALL_OPEN] if hold_tool_calls else [])
         self.ids: list[int] = []
+        # Decoding restarts at the last complete character (byte-level BPE decodes piecewise), so
+        # a long reply costs linear, not quadratic, time.
+        self._settled, self._settled_text = 0, ""
         self.text = ""  # decoded text so far, cut at a stop string
         self.sent = 0  # characters of `text` already handed out
         self.stopped = False
@@ -162,9 +168,11 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(token)
-        full = self.tokenizer.decode(self.ids)
-        if full.endswith("\ufffd"):
+        tail = self.tokenizer.decode(self.ids[self._settled :])
+        if tail.endswith("\ufffd"):
             return ""  # the last token ends inside a multi-byte character
+        full = self._settled_text = self._settled_text + tail
+        self._settled = len(self.ids)
         for s in self.stop:
             at = full.find(s)
             if at >= 0:
@@ -175,7 +183,7 @@ class TextStream:
     def finish(self) -> str:
         """The whole text once generation has ended (a trailing partial character included)."""
         if not self.stopped:
-            self.text = self.tokenizer.decode(self.ids)
+            self.text = self._settled_text + self.tokenizer.decode(self.ids[self._settled :])
         return self.text
 
     def flush(self) -> str:
@@ -276,7 +284,7 @@ class Engine:
                 self._scheduler = Scheduler(self.model, self.max_active)
             return self._scheduler
 
-    def submit(self, prompt: Sequence[int], params, emit: Callable[[tuple[str, object]], None]) -> Job:
+    def submit(self, prompt: Sequence[int], params: SamplingParams, emit: Callable[[tuple[str, object]], None]) -> Job:
         return self.scheduler.submit(prompt, params, emit)
 
     def stats(self) -> dict:
