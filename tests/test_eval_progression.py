@@ -185,3 +185,16 @@ def test_cli_every_checkpoint_takes_the_recipe_eval_section(tmp_path, tokenizer_
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "checkpoints" / "step-000050"), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["tasks"]["zagreus_arc_it"]["metrics"] == cached["metrics"]
+
+
+def test_offline_alternatives_for_hub_tasks():
+    from zagreus.eval.registry import offline_alternative, report_metric, task_language
+
+    assert offline_alternative("arc_it") == "zagreus_arc_it"
+    assert offline_alternative("hellaswag") == "zagreus_hellaswag_en"
+    assert offline_alternative("arc_challenge") == "zagreus_arc_challenge_en"
+    assert offline_alternative("ifeval") is None
+    # The report's metric and language per task name.
+    assert [report_metric(t) for t in ("m_mmlu_it", "mmlu", "zagreus_hellaswag_en", "arc_easy", "ifeval")] == \
+        ["acc", "acc", "acc_norm", "acc_norm", "acc"]
+    assert [task_language(t) for t in ("zagreus_arc_it", "hellaswag_fr", "mmlu")] == ["it", "fr", "en"]

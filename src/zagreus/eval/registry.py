@@ -91,6 +91,15 @@ def check_task_names(names: list[str]) -> None:
         raise UserError(f"unknown task '{name}'; {hint} (offline tasks: {', '.join(local_task_names())})")
 
 
+def offline_alternative(task: str) -> str | None:
+    """The shipped offline task mirroring an lm-eval task (arc_it -> zagreus_arc_it), if any."""
+    local = set(local_task_names())
+    for candidate in (f"zagreus_{task}", f"zagreus_{task}_en"):
+        if candidate in local:
+            return candidate
+    return None
+
+
 def task_specs(names: list[str], data_dir: str | Path | None = None) -> list:
     """lm-eval task specs: names for lm-eval's own tasks, full configs for the offline ones."""
     check_task_names(names)

@@ -58,14 +58,26 @@ def run_tasks(lm, tasks: list[str], num_fewshot: int | dict[str, int] | None = N
     summary: dict[str, dict] = {}
     raw: dict[str, Any] = {"results": {}, "samples": {}}
     for k, group in groups.items():
-        out = simple_evaluate(model=lm, tasks=group, num_fewshot=k, limit=limit, task_manager=task_manager(),
-                              log_samples=log_samples, bootstrap_iters=0, verbosity=None)
+        try:
+            out = simple_evaluate(model=lm, tasks=group, num_fewshot=k, limit=limit, task_manager=task_manager(),
+                                  log_samples=log_samples, bootstrap_iters=0, verbosity=None)
+        except ConnectionError as exc:
+            raise UserError(_offline_hint(group, exc)) from None
         for task, metrics in out["results"].items():
             n = out.get("n-samples", {}).get(task, {}).get("effective")
             summary[task] = _task_entry(task, metrics, n, k)
         raw["results"].update(out["results"])
         raw["samples"].update(out.get("samples", {}))
     return summary, raw
+
+
+def _offline_hint(group: list, exc: Exception) -> str:
+    from zagreus.eval.registry import offline_alternative
+
+    hub = [t for t in group if isinstance(t, str)]
+    swaps = [f"{t} -> {alt}" for t in hub if (alt := offline_alternative(t))]
+    hint = f"; offline, use the shipped tasks with --data-dir ({', '.join(swaps)})" if swaps else ""
+    return f"tasks {', '.join(hub)}: the dataset could not be fetched from the Hugging Face hub ({exc}){hint}"
 
 
 def evaluate(model: str | Path, tasks: list[str], num_fewshot: int | dict[str, int] | None = None,
