@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from typing import Callable, TextIO
 
 from zagreus.serve.engine import Engine, TextStream
@@ -31,8 +32,12 @@ def reply(engine: Engine, messages: list[dict], tools: list[dict] | None, params
     params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, engine.room(prompt)),
                                  stop_ids=tuple(engine.stop_ids))
     text = TextStream(engine.tokenizer)
-    for token in generate_stream(engine.model, prompt, params):
-        write(text.push(token))
+    try:
+        for token in generate_stream(engine.model, prompt, params):
+            write(text.push(token))
+    except KeyboardInterrupt:  # Ctrl-C cuts the reply short but keeps the session
+        write(text.flush() + " [interrupted]\n")
+        return {"role": "assistant", "content": text.text}
     content, calls = parse_tool_calls(text.finish())
     if not calls:
         write(text.flush() + "\n")
@@ -72,13 +77,15 @@ def chat_loop(engine: Engine, params, read: Callable[[], str], write: Callable[[
 def run(engine: Engine, params, stdin: TextIO, stdout: TextIO, system: str | None = None,
         tools: list[dict] | None = None) -> None:
     """The terminal front end: a prompt on a TTY, plain lines on a pipe."""
-    interactive = stdin.isatty()
+    interactive = stdin.isatty() and stdin is sys.stdin
 
     def read() -> str:
-        if interactive:
-            stdout.write("> ")
-            stdout.flush()
-        return stdin.readline()
+        if not interactive:
+            return stdin.readline()
+        try:
+            return input("> ") + "\n"  # with readline's line editing and history
+        except EOFError:
+            return ""
 
     def write(text: str) -> None:
         if text:
@@ -86,5 +93,9 @@ def run(engine: Engine, params, stdin: TextIO, stdout: TextIO, system: str | Non
             stdout.flush()
 
     if interactive:
+        try:
+            import readline  # noqa: F401  (importing it gives input() line editing)
+        except ImportError:
+            pass
         write(f"chatting with {engine.name} ({engine.template}, context {engine.context_length}); {HELP}\n")
     chat_loop(engine, params, read, write, system=system, tools=tools)

@@ -301,11 +301,17 @@ class Engine:
 
 
 def template_of(folder: Path, explicit: str | None) -> str:
-    """The template a model was trained with: the flag, else the export's chat_template, else ChatML."""
+    """The template a model was trained with: the flag, else the one recorded by post-training
+    (zagreus.json), else the export's chat_template, else ChatML."""
     if explicit:
         if explicit not in TEMPLATES:
             raise UserError(f"--template {explicit}: choose one of {', '.join(TEMPLATES)}")
         return explicit
+    record = Path(folder) / "zagreus.json"
+    if record.is_file():
+        recorded = json.loads(record.read_text(encoding="utf-8")).get("template")
+        if recorded in TEMPLATES:
+            return recorded
     cfg = Path(folder) / "tokenizer_config.json"
     saved = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template") if cfg.is_file() else None
     if not saved:
