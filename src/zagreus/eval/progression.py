@@ -84,6 +84,11 @@ def evaluate_run(run_dir: Path, tasks: list[str], num_fewshot: int | dict[str, i
     return evaluated, write_progression(eval_dir, tasks)
 
 
+def _score(entry: dict, task: str) -> float | None:
+    """The report's metric, or the one the task reported when it has no such metric."""
+    return entry.get("metrics", {}).get(report_metric(task), entry.get("value"))
+
+
 def _column(task: str) -> str:
     return f"{display_name(task)} ({report_metric(task)})"
 
@@ -96,7 +101,7 @@ def write_progression(eval_dir: Path, tasks: list[str]) -> list[Path]:
         if not m:
             continue
         cached = run.read_results(path)["tasks"]
-        scores = [cached.get(t, {}).get("metrics", {}).get(report_metric(t)) for t in tasks]
+        scores = [_score(cached.get(t, {}), t) for t in tasks]
         rows.append((int(m.group(1)), scores))
     rows.sort()
     headers = ["checkpoint", *(_column(t) for t in tasks), "average"]

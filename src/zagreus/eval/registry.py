@@ -21,6 +21,7 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 _REPORT_METRIC = [
     (re.compile(r"(^|_)(m_)?mmlu"), "acc"),
     (re.compile(r"(^|_)(hellaswag|arc)"), "acc_norm"),
+    (re.compile(r"(^|_)ifeval"), "prompt_level_strict_acc"),
 ]
 _LANGUAGE = re.compile(r"_(it|es|fr|pt|en|de)$")
 
@@ -30,7 +31,7 @@ def local_task_names() -> list[str]:
 
 
 def report_metric(task: str) -> str:
-    """acc_norm for ARC and HellaSwag, acc for MMLU and anything else (as in the report's tables)."""
+    """acc_norm for ARC and HellaSwag, acc for MMLU, IFEval's prompt-level strict accuracy, else acc."""
     for pattern, metric in _REPORT_METRIC:
         if pattern.search(task):
             return metric
