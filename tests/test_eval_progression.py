@@ -196,5 +196,5 @@ def test_offline_alternatives_for_hub_tasks():
     assert offline_alternative("ifeval") is None
     # The report's metric and language per task name.
     assert [report_metric(t) for t in ("m_mmlu_it", "mmlu", "zagreus_hellaswag_en", "arc_easy", "ifeval")] == \
-        ["acc", "acc", "acc_norm", "acc_norm", "acc"]
+        ["acc", "acc", "acc_norm", "acc_norm", "prompt_level_strict_acc"]
     assert [task_language(t) for t in ("zagreus_arc_it", "hellaswag_fr", "mmlu")] == ["it", "fr", "en"]
