@@ -15,6 +15,19 @@ from zagreus.errors import UserError
 
 MODEL_HELP = "export folder, checkpoint folder or run directory"
 TEMPLATE_HELP = "chat template (chatml or llama3); default: the export's chat_template, else chatml"
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto (cuda when available)"
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"--device {name}: choose cpu, cuda, cuda:N or auto")
+    return name
 
 
 def _load_tools(path: Optional[Path]) -> list[dict] | None:
@@ -42,7 +55,8 @@ def register(app: typer.Typer) -> None:
              top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="nucleus sampling mass"),
              repetition_penalty: float = typer.Option(1.0, min=0.0, help="CTRL-style penalty on seen tokens (1: off)"),
              max_tokens: int = typer.Option(512, min=1, help="most tokens per reply (clipped to the context)"),
-             seed: Optional[int] = typer.Option(None, help="sampling seed")) -> None:
+             seed: Optional[int] = typer.Option(None, help="sampling seed"),
+             device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
         """Chat in the terminal with streamed replies (/reset, /tool TEXT, /exit). Reads stdin, so it can be piped."""
         import sys
 
@@ -51,7 +65,7 @@ def register(app: typer.Typer) -> None:
         from zagreus.serve.engine import open_engine
 
         tool_list = _load_tools(tools)
-        engine = open_engine(model, template=template)
+        engine = open_engine(model, template=template, device=_device(device))
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, max_new_tokens=max_tokens, seed=seed)
         try:
@@ -66,11 +80,12 @@ def register(app: typer.Typer) -> None:
               template: Optional[str] = typer.Option(None, help=TEMPLATE_HELP),
               name: Optional[str] = typer.Option(None, help="model id reported by /v1/models (default: the folder name)"),
               max_running: int = typer.Option(16, min=1, help="requests generating at once (each holds a KV cache); "
-                                                             "the rest wait in arrival order")) -> None:
+                                                             "the rest wait in arrival order"),
+              device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
         """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health) and a web chat at /."""
         from zagreus.serve.engine import open_engine
         from zagreus.serve.server import serve as run_server
 
-        engine = open_engine(model, template=template, name=name, max_active=max_running)
+        engine = open_engine(model, template=template, name=name, max_active=max_running, device=_device(device))
         typer.echo(f"serving {engine.name} on http://{host}:{port}/ (OpenAI API under /v1)")
         run_server(engine, host=host, port=port)
