@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from zagreus.model.generate import SamplingParams
 from zagreus.serve.engine import ContextOverflow, Engine, TextStream, openai_tool_calls
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,7 @@ def _parse(model: type[BaseModel], raw: bytes) -> Any:
         raise APIError(400, f"{where}: {err['msg']}" if where else err["msg"], param=where) from None
 
 
-def _params(engine: Engine, req: _Sampling, prompt: list[int], stop_ids: list[int]):
-    from zagreus.model.generate import SamplingParams
-
+def _params(engine: Engine, req: _Sampling, prompt: list[int], stop_ids: list[int]) -> SamplingParams:
     room = engine.room(prompt)
     asked = req.max_completion_tokens or req.max_tokens
     # max_tokens is clipped to the room left in the context, never an error.
@@ -103,8 +102,8 @@ def _stops(req: _Sampling) -> list[str]:
 class Generation:
     """One request's generation seen from the event loop: text pieces as they become printable."""
 
-    def __init__(self, engine: Engine, prompt: list[int], params, stop: list[str], hold_tool_calls: bool) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, stop: list[str],
+                 hold_tool_calls: bool) -> None:
         self.prompt = prompt
         self.text = TextStream(engine.tokenizer, stop, hold_tool_calls=hold_tool_calls)
         self.finish_reason: str | None = None
