@@ -94,13 +94,14 @@ def _pack(trees: list[_Tree], device: torch.device):
 
 @torch.inference_mode()
 def token_logprobs(model: Transformer, hidden: torch.Tensor, targets: torch.Tensor,
-                   chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target) and whether target is the argmax, for hidden states [N, D] and targets [N].
 
-    Chunked so the [chunk, vocab] logits stay in cache (16 rows measured best on CPU, d=64,
-    128k vocabulary); fp32 like HFLM's log_softmax.
+    Chunked so the [chunk, vocab] logits stay in cache on CPU (16 rows measured best, d=64,
+    128k vocabulary) and kernels stay large on GPU; fp32 like HFLM's log_softmax.
     """
     weight = model.lm_head.weight
+    chunk = chunk or (16 if hidden.device.type == "cpu" else 1024)
     logps, greedy = [], []
     for s in range(0, hidden.shape[0], chunk):
         logits = (hidden[s:s + chunk] @ weight.T).float()
