@@ -47,7 +47,7 @@ from zagreus.recipe import DataSection, Source
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-BATCH_CHARS = 2 << 20        # characters per tokenizer batch
+BATCH_CHARS = 8 << 20        # characters per tokenizer batch: large batches keep tiktoken's threads busy
 BAD_EXAMPLES = 5             # file:line cases shown in the warning
 BUDGET_MARGIN = 1.25         # workers skip units once earlier ones hold this much of the budget
 
@@ -196,6 +196,7 @@ class UnitProcessor:
             entry[1] += len(text)
 
         reported = 0
+        need_digest = f.dedup != "none" or self.plan.data.validation_fraction > 0
 
         def flush() -> None:
             nonlocal batch, batch_chars, reported
@@ -206,9 +207,13 @@ class UnitProcessor:
                 tokens.append(arr)
                 lengths.append(len(arr))
                 chars.append(len(text))
-                dkey, skey = text_digest(text)
-                keys.append(dkey)
-                val.append(is_validation(skey, self.plan.data.validation_fraction))
+                if need_digest:
+                    dkey, skey = text_digest(text)
+                    keys.append(dkey)
+                    val.append(is_validation(skey, self.plan.data.validation_fraction))
+                else:  # neither dedup nor a validation split: skip normalising and hashing
+                    keys.append(0)
+                    val.append(False)
                 if self.minhash is not None:
                     sigs.append(self.minhash.signature(np.asarray(ids, dtype=np.uint64)))
             if progress:  # characters stand in for bytes until the unit ends (see below)
