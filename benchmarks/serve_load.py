@@ -1,6 +1,7 @@
 """Load check of `zagreus serve`: 32 concurrent streaming chat requests against a live server,
 no error allowed, with p50/p95 latency, time to first token and throughput; beside it the same
-requests sent one at a time, our generate in-process (the model's speed without HTTP), and the
+requests sent one at a time, the same load against `zagreus serve --batch` (batched decode), our
+generate in-process (the model's speed without HTTP), and the
 peer: transformers' `generate` on the same export, one request at a time (it has no server), with
 the throughput ratios.
 
@@ -9,13 +10,14 @@ trained on the handbook (../shared/data). Prompts: the opening of 32 different h
 rendered with the export's ChatML template. Greedy, max_tokens 64 each. The server runs in its
 own process (`zagreus serve`); the client is the official `openai` AsyncOpenAI.
 
-    python -P benchmarks/serve_load.py [--requests 32] [--max-tokens 64] [--threads 2] [--model EXPORT]
+    python -P benchmarks/serve_load.py [--requests 32] [--max-tokens 64] [--threads 1] [--model EXPORT]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -159,53 +161,68 @@ def transformers_side(export: Path, prompts: list[str], max_tokens: int) -> tupl
     return results, time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def running_server(export: Path, extra: list[str]):
+    """A `zagreus serve` process on a free port; yields its base URL once /health answers."""
+    import httpx
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "zagreus.cli", "serve", str(export), "--port", str(port),
+                               "--name", "tiny", *extra], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                sys.exit("the server did not start")
+            time.sleep(0.2)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def load_check(base: str, label: str, prompts: list[str], max_tokens: int) -> tuple[list[dict], dict]:
+    asyncio.run(run_load(base, "tiny", prompts[:2], max_tokens, concurrent=False))  # warm-up
+    try:
+        results, wall = asyncio.run(run_load(base, "tiny", prompts, max_tokens, concurrent=True))
+    except Exception as exc:
+        sys.exit(f"load check FAILED ({label}): {type(exc).__name__}: {exc}")
+    return results, summary(label, results, wall)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="an export folder (default: a random 'tiny' model made here)")
     ap.add_argument("--handbook", type=Path, default=HANDBOOK)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the server and of the peer")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the peer")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not args.handbook.is_file():
         sys.exit(f"{args.handbook}: not found; pass --handbook (the prompts come from it)")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import httpx
 
     with tempfile.TemporaryDirectory() as tmp:
         export = args.model or make_export(Path(tmp), args.handbook)
         prompts = prompts_from(args.handbook, args.requests)
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, "-m", "zagreus.cli", "serve", str(export), "--port", str(port),
-                                   "--name", "tiny"], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        try:
-            deadline = time.time() + 120
-            while True:
-                try:
-                    if httpx.get(base + "/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.poll() is not None or time.time() > deadline:
-                    sys.exit("the server did not start")
-                time.sleep(0.2)
-            asyncio.run(run_load(base, "tiny", prompts[:2], args.max_tokens, concurrent=False))  # warm-up
-            print(f"model {export}, {args.requests} requests, max_tokens {args.max_tokens}, greedy, "
-                  f"{args.threads} torch threads")
-            try:
-                load, wall = asyncio.run(run_load(base, "tiny", prompts, args.max_tokens, concurrent=True))
-            except Exception as exc:
-                sys.exit(f"load check FAILED: {type(exc).__name__}: {exc}")
-            ours = summary(f"zagreus serve, {args.requests} concurrent", load, wall)
+        n = args.requests
+        print(f"model {export}, {n} requests, max_tokens {args.max_tokens}, greedy, {args.threads} torch threads")
+        with running_server(export, []) as base:
+            load, ours = load_check(base, f"zagreus serve, {n} concurrent", prompts, args.max_tokens)
             solo, wall_solo = asyncio.run(run_load(base, "tiny", prompts, args.max_tokens, concurrent=False))
             summary("zagreus serve, one at a time", solo, wall_solo)
-            same = sum(a["text"] == b["text"] for a, b in zip(load, solo))
-            print(f"concurrent replies identical to one-at-a-time replies: {same}/{len(load)}")
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        with running_server(export, ["--batch"]) as base:
+            batched, ours_batched = load_check(base, f"zagreus serve --batch, {n} concurrent", prompts, args.max_tokens)
+        same = sum(a["text"] == b["text"] for a, b in zip(load, solo))
+        same_batched = sum(a["text"] == b["text"] for a, b in zip(batched, solo))
+        print(f"replies identical to one-at-a-time replies: concurrent {same}/{n}, concurrent --batch {same_batched}/{n}")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -213,13 +230,13 @@ def main() -> None:
         inproc = summary("zagreus generate in-process, serial", local, wall_local)
         peer, wall_peer = transformers_side(export, prompts, args.max_tokens)
         theirs = summary("transformers generate, serial", peer, wall_peer)
-        agree = sum(a["text"] == b["text"] for a, b in zip(load, peer))
-        print(f"greedy replies identical to transformers': {agree}/{len(load)}")
-        print(f"throughput ratios: zagreus / transformers generate in-process "
-              f"{inproc['tokens_per_s'] / theirs['tokens_per_s']:.2f}x; "
-              f"zagreus serve (32 concurrent, over HTTP) / transformers generate in-process "
-              f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x")
-        if same != len(load):
+        agree = sum(a["text"] == b["text"] for a, b in zip(local, peer))
+        print(f"greedy replies identical to transformers': {agree}/{n}")
+        print(f"throughput ratios: zagreus / transformers generate, in-process {inproc['tokens_per_s'] / theirs['tokens_per_s']:.2f}x; "
+              f"zagreus serve concurrent / transformers in-process {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x; "
+              f"zagreus serve --batch concurrent / transformers in-process "
+              f"{ours_batched['tokens_per_s'] / theirs['tokens_per_s']:.2f}x")
+        if same != n:
             sys.exit("concurrent replies differ from one-at-a-time replies")
 
 

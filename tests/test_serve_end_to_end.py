@@ -441,3 +441,71 @@ def test_context_policies(export_dir):
     assert kept == render([system] + turn + msgs[-1:], engine.tokenizer, add_generation_prompt=True).ids
     with pytest.raises(ContextOverflow):  # the last message alone is too long: nothing left to drop
         engine.render_chat([system, {"role": "user", "content": "gatto " * 1000}], truncate=True)
+
+
+def _run_jobs(scheduler, prompts, params_of, stagger: int = 0) -> list[list[int]]:
+    """Submit jobs (the second half once the first has started producing) and collect their tokens."""
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [threading.Event() for _ in prompts]
+
+    def sink(i):
+        def emit(event):
+            kind, value = event
+            if kind == "token":
+                out[i].append(value)
+            else:
+                assert kind == "done", event
+                done[i].set()
+        return emit
+
+    half = len(prompts) // 2 if stagger else len(prompts)
+    for i in range(half):
+        scheduler.submit(prompts[i], params_of(i), sink(i))
+    if stagger:
+        deadline = time.time() + 30
+        while sum(map(len, out)) < stagger:
+            assert time.time() < deadline
+            time.sleep(0.001)
+        for i in range(half, len(prompts)):
+            scheduler.submit(prompts[i], params_of(i), sink(i))
+    for event in done:
+        assert event.wait(60)
+    return out
+
+
+@pytest.mark.parametrize("max_active", [8, 3])
+def test_batched_decode_matches_solo(export_dir, reference, max_active):
+    """--batch: requests of different lengths joining and leaving a shared decode batch get the
+    tokens they get alone (greedy: generate's; seeded sampling: the interleaved scheduler's)."""
+    import dataclasses
+
+    from zagreus.model.generate import SamplingParams, generate
+    from zagreus.model.loading import load_model_and_tokenizer
+    from zagreus.post.chat import stop_token_ids
+    from zagreus.serve.engine import Scheduler
+
+    model, tok = load_model_and_tokenizer(export_dir)
+    texts = ["Say hello", "Ciao, come stai?", "Il gatto dorme sul divano mentre piove a Roma", "The lazy dog",
+             "Roma", "What is the weather in Rome?", "brown fox jumps", "piove"]
+    prompts = [reference.chat_ids([{"role": "user", "content": t}]) for t in texts]
+    stops = tuple(stop_token_ids(tok, "chatml"))
+
+    def params_of(i):
+        base = SamplingParams(max_new_tokens=10 + 3 * i, stop_ids=stops)
+        return base if i % 2 == 0 else dataclasses.replace(base, temperature=0.9, top_k=50, seed=i)
+
+    batched = Scheduler(model, max_active=max_active, batch=True)
+    interleaved = Scheduler(model, max_active=max_active)
+    try:
+        got = _run_jobs(batched, prompts, params_of, stagger=6)
+        assert batched.peak_running == max_active  # the batch really held several requests
+        solo = _run_jobs(interleaved, prompts, params_of)
+        alone = _run_jobs(batched, prompts[2:3], lambda _: params_of(2))
+    finally:
+        batched.close()
+        interleaved.close()
+    for i in range(0, len(prompts), 2):
+        assert solo[i] == generate(model, prompts[i], params_of(i))
+    assert got == solo
+    assert alone[0] == solo[2]
+    assert tok.decode(got[0]) == HELLO

@@ -81,11 +81,15 @@ def register(app: typer.Typer) -> None:
               name: Optional[str] = typer.Option(None, help="model id reported by /v1/models (default: the folder name)"),
               max_running: int = typer.Option(16, min=1, help="requests generating at once (each holds a KV cache); "
                                                              "the rest wait in arrival order"),
+              batch: bool = typer.Option(False, "--batch", help="decode the running requests in one batched forward "
+                                                               "(several times the throughput; a reply may then differ "
+                                                               "in rare near-ties from the one it gets alone)"),
               device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
         """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health) and a web chat at /."""
         from zagreus.serve.engine import open_engine
         from zagreus.serve.server import serve as run_server
 
-        engine = open_engine(model, template=template, name=name, max_active=max_running, device=_device(device))
+        engine = open_engine(model, template=template, name=name, max_active=max_running, batch=batch,
+                             device=_device(device))
         typer.echo(f"serving {engine.name} on http://{host}:{port}/ (OpenAI API under /v1)")
         run_server(engine, host=host, port=port)

@@ -2,13 +2,16 @@
 turns conversations into prompt ids under the context policy, runs generations on one worker
 thread, and turns token streams back into text (incremental UTF-8, stop strings, tool calls).
 
-Concurrency. Every request owns its own `generate_stream` generator and therefore its own KV
-cache. A single worker thread is the only caller of the model: it advances the active requests
+Concurrency. A single worker thread is the only caller of the model; request handlers only wait
+for its events. By default it interleaves: every request owns its own `generate_stream`
+generator and therefore its own KV cache, and the worker advances the running requests
 round-robin, one token each per turn. A request therefore computes exactly the operations it
 would compute alone (same shapes, same order), so concurrent replies are bit-identical to solo
-ones and all of them stream at once; throughput is that of one sequence at a time (there is no
-batched decode, whose batch-size-dependent floating-point sums would break that guarantee). At most
-`max_active` requests run at once (each holds a KV cache); later ones wait in arrival order.
+ones and all of them stream at once; throughput is that of one sequence at a time. With
+`batch=True` (`zagreus serve --batch`) the worker decodes all running requests in one forward
+per step instead (see _Batched): several times the throughput, but a reply may then differ from
+its solo version where batch-shaped floating-point sums break a near-tie. At most `max_active`
+requests run at once (each holds a KV cache); later ones wait in arrival order.
 Tokenizer calls (rendering, decoding) stay on the caller's side: the server's event loop thread.
 
 Context policy. A prompt must leave room for at least one new token. The server answers a longer
@@ -60,19 +63,23 @@ class Job:
 
 
 class Scheduler:
-    """One worker thread that owns every model call and interleaves the active jobs token by token.
+    """One worker thread that owns every model call and runs the admitted jobs together.
 
     At most `max_active` jobs run at once (each holds a KV cache sized for its prompt and budget);
-    later ones wait in arrival order and allocate nothing until admitted.
+    later ones wait in arrival order and allocate nothing until admitted. `batch=False`
+    interleaves the running jobs one token each (exactly the solo computation); `batch=True`
+    decodes all of them in one forward per step (faster; see _Batched for what it gives up).
     """
 
-    def __init__(self, model, max_active: int = 16) -> None:
+    def __init__(self, model, max_active: int = 16, batch: bool = False) -> None:
         if max_active < 1:
             raise UserError(f"--max-running {max_active}: at least one request must be able to run")
         self.model = model
         self.max_active = max_active
+        self.batch = batch
         self.running = 0
         self.waiting = 0
+        self.peak_running = 0
         self.tokens_generated = 0
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="zagreus-generate", daemon=True)
@@ -89,51 +96,205 @@ class Scheduler:
         self._inbox.put(None)
         self._thread.join(timeout=30)
 
-    def _run(self) -> None:
-        from zagreus.model.generate import generate_stream
+    def token(self, job: Job, token: int) -> bool:
+        """Count and hand out a generated token; False when its consumer is gone."""
+        job.produced += 1
+        self.tokens_generated += 1
+        return _deliver(job, ("token", token))
 
-        active: deque[tuple[Job, Iterator[int]]] = deque()
+    def _run(self) -> None:
+        runner = _Batched(self) if self.batch else _Interleaved(self)
         waiting: deque[Job] = deque()
         while True:
-            self.running, self.waiting = len(active), len(waiting)
-            # Block only when idle; otherwise pick up newcomers between tokens.
-            arrivals = [self._inbox.get()] if not active and not waiting else []
+            self.running, self.waiting = len(runner), len(waiting)
+            # Block only when idle; otherwise pick up newcomers between steps.
+            arrivals = [self._inbox.get()] if not len(runner) and not waiting else []
             while True:
                 try:
                     arrivals.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
             if None in arrivals:
-                for job in [j for j, _ in active] + list(waiting) + [j for j in arrivals if j is not None]:
+                for job in runner.jobs() + list(waiting) + [j for j in arrivals if j is not None]:
                     _deliver(job, ("error", "server shutting down"))
                 return
             waiting.extend(arrivals)
-            while waiting and len(active) < self.max_active:
+            while waiting and len(runner) < self.max_active:
                 job = waiting.popleft()
                 if not job.cancelled.is_set():
-                    active.append((job, generate_stream(self.model, job.prompt, job.params)))
-            self.running, self.waiting = len(active), len(waiting)
-            if not active:
-                continue
-            job, tokens = active.popleft()
-            if job.cancelled.is_set():
-                tokens.close()
-                continue
-            try:
-                token = next(tokens)
-            except StopIteration:
-                _deliver(job, ("done", "length" if job.produced >= job.budget else "stop"))
-                continue
-            except Exception as exc:  # a failing request must not take the worker down
-                log.exception("generation failed")
-                _deliver(job, ("error", f"generation failed: {exc}"))
-                continue
-            job.produced += 1
-            self.tokens_generated += 1
-            if _deliver(job, ("token", token)):
-                active.append((job, tokens))
-            else:
-                tokens.close()
+                    runner.admit(job)
+            self.running, self.waiting = len(runner), len(waiting)
+            self.peak_running = max(self.peak_running, self.running)
+            if len(runner):
+                runner.step()
+
+
+class _Interleaved:
+    """Each job its own `generate_stream` (own KV cache); one token of one job per step, round-robin."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.active: deque[tuple[Job, Iterator[int]]] = deque()
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+    def jobs(self) -> list[Job]:
+        return [job for job, _ in self.active]
+
+    def admit(self, job: Job) -> None:
+        from zagreus.model.generate import generate_stream
+
+        self.active.append((job, generate_stream(self.scheduler.model, job.prompt, job.params)))
+
+    def step(self) -> None:
+        job, tokens = self.active.popleft()
+        if job.cancelled.is_set():
+            tokens.close()
+            return
+        try:
+            token = next(tokens)
+        except StopIteration:
+            _deliver(job, ("done", "length" if job.produced >= job.budget else "stop"))
+            return
+        except Exception as exc:  # a failing request must not take the worker down
+            log.exception("generation failed")
+            _deliver(job, ("error", f"generation failed: {exc}"))
+            return
+        if self.scheduler.token(job, token):
+            self.active.append((job, tokens))
+        else:
+            tokens.close()
+
+
+@dataclass
+class _Row:
+    """A job in the batch: its sampling state and where its keys/values sit in a cache."""
+
+    job: Job
+    seen: list[int]
+    gen: object  # torch.Generator | None
+    length: int  # tokens in the KV cache
+    cache: object  # KVCache holding them at [row, :, offset : offset + length]
+    row: int = 0
+    offset: int = 0
+    next_token: int = -1  # picked, fed at the next step
+
+
+class _Batched:
+    """Batched decode: every running job advances by one token in a single forward.
+
+    Prompts are prefilled one by one (exactly as `generate_stream` does); decode steps share one
+    KV cache in which each job's entries are right-aligned, with its own RoPE positions and a
+    mask hiding the padding. When jobs join or leave, the shared cache is rebuilt. The sampling
+    rules are those of `generate_stream` (pick_token, stop ids, budget). What it gives up: a
+    reply no longer depends only on its own prompt bit for bit, since matrix products and
+    attention sums over a batch (and its padding) may round differently than over one sequence;
+    a lone request still computes exactly what `generate_stream` computes.
+    """
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.model = scheduler.model
+        self.rows: list[_Row] = []
+        self.cache = None
+        self.dirty = False
+        param = next(self.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def jobs(self) -> list[Job]:
+        return [r.job for r in self.rows]
+
+    def admit(self, job: Job) -> None:
+        import torch
+
+        from zagreus.model.llama import KVCache
+
+        try:
+            with torch.inference_mode():
+                cache = KVCache.empty(self.model.cfg, 1, len(job.prompt), device=self.device, dtype=self.dtype)
+                logits = self.model(torch.tensor([job.prompt], device=self.device), cache=cache)[0, -1]
+                gen = None
+                if job.params.seed is not None:
+                    gen = torch.Generator(device=self.device).manual_seed(job.params.seed)
+                row = _Row(job, list(job.prompt), gen, len(job.prompt), cache)
+                if self._advance(row, logits):
+                    self.rows.append(row)
+                    self.dirty = True
+        except Exception as exc:
+            log.exception("prefill failed")
+            _deliver(job, ("error", f"generation failed: {exc}"))
+
+    def _advance(self, row: _Row, logits) -> bool:
+        """Pick the row's next token from its logits; False when the row is finished."""
+        from zagreus.model.generate import pick_token
+
+        job = row.job
+        token = pick_token(logits, row.seen, job.params, row.gen)
+        if token in job.params.stop_ids:
+            _deliver(job, ("done", "stop"))
+            return False
+        if not self.scheduler.token(job, token):
+            return False
+        if job.produced >= job.budget:
+            _deliver(job, ("done", "length"))
+            return False
+        row.seen.append(token)
+        row.next_token = token
+        return True
+
+    def _rebuild(self) -> None:
+        """One shared cache with every row's entries right-aligned at the current length."""
+        from zagreus.model.llama import KVCache
+
+        longest = max(r.length for r in self.rows)
+        room = max(r.job.budget - r.job.produced for r in self.rows)
+        new = KVCache.empty(self.model.cfg, len(self.rows), longest + room, device=self.device, dtype=self.dtype)
+        new.length = longest
+        for i, r in enumerate(self.rows):
+            start = longest - r.length
+            for layer in range(len(new.keys)):
+                new.keys[layer][i, :, start:longest] = r.cache.keys[layer][r.row, :, r.offset : r.offset + r.length]
+                new.values[layer][i, :, start:longest] = r.cache.values[layer][r.row, :, r.offset : r.offset + r.length]
+            r.cache, r.row, r.offset = new, i, start
+        self.cache = new
+        self.dirty = False
+
+    def step(self) -> None:
+        import torch
+
+        live = [r for r in self.rows if not r.job.cancelled.is_set()]
+        if len(live) != len(self.rows):
+            self.rows, self.dirty = live, True
+        if not self.rows:
+            return
+        if self.dirty or self.cache.length >= self.cache.capacity:
+            self._rebuild()
+        cache, length = self.cache, self.cache.length
+        try:
+            with torch.inference_mode():
+                tokens = torch.tensor([[r.next_token] for r in self.rows], device=self.device)
+                positions = torch.tensor([[r.length] for r in self.rows], device=self.device)
+                mask = torch.zeros(len(self.rows), 1, 1, length + 1, dtype=torch.bool, device=self.device)
+                for i, r in enumerate(self.rows):
+                    mask[i, 0, 0, length - r.length :] = True
+                logits = self.model(tokens, positions=positions, mask=mask, cache=cache)[:, -1]
+                survivors = []
+                for i, r in enumerate(self.rows):
+                    r.length += 1
+                    if self._advance(r, logits[i]):
+                        survivors.append(r)
+        except Exception as exc:
+            log.exception("batched decode failed")
+            for r in self.rows:
+                _deliver(r.job, ("error", f"generation failed: {exc}"))
+            self.rows, self.cache = [], None
+            return
+        if len(survivors) != len(self.rows):
+            self.rows, self.dirty = survivors, True
 
 
 def _deliver(job: Job, event: tuple[str, object]) -> bool:
@@ -227,7 +388,8 @@ def openai_tool_calls(calls: Sequence[dict], prefix: str) -> list[dict]:
 class Engine:
     """A model opened for chat: tokenizer, template, stop ids, and the generation worker."""
 
-    def __init__(self, model, tokenizer, template: str = "chatml", name: str = "zagreus", max_active: int = 16) -> None:
+    def __init__(self, model, tokenizer, template: str = "chatml", name: str = "zagreus", max_active: int = 16,
+                 batch: bool = False) -> None:
         from zagreus.post.chat import stop_token_ids
 
         if template not in TEMPLATES:
@@ -240,6 +402,7 @@ class Engine:
         self.context_length = model.cfg.max_seq_len
         self.stop_ids = list(stop_token_ids(tokenizer, template))
         self.max_active = max_active
+        self.batch = batch
         self._scheduler: Scheduler | None = None
         self._lock = threading.Lock()
 
@@ -281,7 +444,7 @@ class Engine:
     def scheduler(self) -> Scheduler:
         with self._lock:
             if self._scheduler is None:
-                self._scheduler = Scheduler(self.model, self.max_active)
+                self._scheduler = Scheduler(self.model, self.max_active, self.batch)
             return self._scheduler
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, emit: Callable[[tuple[str, object]], None]) -> Job:
@@ -330,11 +493,12 @@ def template_of(folder: Path, explicit: str | None) -> str:
 
 
 def open_engine(path: str | Path, template: str | None = None, name: str | None = None, device: str = "cpu",
-                max_active: int = 16) -> Engine:
+                max_active: int = 16, batch: bool = False) -> Engine:
     from zagreus.model.loading import load_model_and_tokenizer
 
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such model; pass an export folder, a checkpoint or a run directory")
     model, tokenizer = load_model_and_tokenizer(path, device=device)
-    return Engine(model, tokenizer, template_of(path, template), name or path.resolve().name, max_active=max_active)
+    return Engine(model, tokenizer, template_of(path, template), name or path.resolve().name, max_active=max_active,
+                  batch=batch)

@@ -169,7 +169,7 @@ def create_app(engine: Engine) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": engine.name, "context_length": engine.context_length,
-                "template": engine.template, **engine.stats()}
+                "template": engine.template, "batch": engine.batch, **engine.stats()}
 
     @app.get("/v1/models")
     async def models() -> dict:
