@@ -31,8 +31,9 @@ def tokenize(recipe: Optional[Path] = typer.Argument(None, help="YAML recipe wit
             raise UserError("pass either a RECIPE or --input/--out (the quick form), not both")
         from zagreus.recipe import load_recipe
 
-        result = stage.tokenize_recipe(load_recipe(recipe), dry_run=dry_run, show_progress=progress)
-        out_dir = load_recipe(recipe).run_path() / "data"
+        loaded = load_recipe(recipe)
+        result = stage.tokenize_recipe(loaded, dry_run=dry_run, show_progress=progress)
+        out_dir = loaded.run_path() / "data"
     else:
         if not input or out is None:
             raise UserError("give a RECIPE, or the quick form --input PATH_OR_GLOB... --out DIR")
