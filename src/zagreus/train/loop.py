@@ -35,6 +35,7 @@ from zagreus.train.checkpoint import checkpoint_name, latest_checkpoint, load_ch
 from zagreus.train.losses import chunked_cross_entropy
 from zagreus.train.metrics import MetricsLogger, bits_per_byte, measure_matmul_peak, text_bytes
 from zagreus.train.optim import build_optimizer, lr_multiplier
+from zagreus.train.parallel import ParallelDims, ParallelModel, build_mesh, parallelize, resolve_param_dtype
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +93,6 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
     return model
 
 
-def apply_wrappers(model: Transformer, p: PretrainSection) -> nn.Module:
-    """Activation checkpointing and compilation per block (torchtitan's order: AC, then compile)."""
-    if p.activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-        for name, block in list(model.layers.items()):
-            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
-    if p.compile:
-        for block in model.layers.values():
-            block.compile()
-    return model
-
-
 def grad_accumulation(p: PretrainSection, dp_world: int) -> int:
     """Micro-steps per optimizer step: tokens_per_step / (seq_len x micro_batch x data-parallel ranks)."""
     per_micro = p.seq_len * p.micro_batch * dp_world
@@ -120,22 +108,6 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens:
     """Mean next-token cross-entropy of a micro-batch, the output projection fused into the chunked loss."""
     hidden = model(batch["input"], return_hidden=True)
     return chunked_cross_entropy(hidden, model.lm_head.weight, batch["target"], chunk_tokens)
-
-
-def _allreduce_grads(model: nn.Module, world: int) -> None:
-    """Average gradients over data-parallel ranks (plain DP; FSDP does this itself)."""
-    for param in model.parameters():
-        if param.grad is not None:
-            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-            param.grad.div_(world)
-
-
-def _mean_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= world
-    return value
 
 
 def _data_paths(recipe: Recipe, run_dir: Path) -> tuple[Path, Path]:
@@ -166,10 +138,16 @@ class Validator:
         self.device = device
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, chunk_tokens: int, autocast, world: int) -> dict[str, float]:
+    def evaluate(self, parallel: ParallelModel, chunk_tokens: int, autocast, world: int) -> dict[str, float]:
+        model = parallel.model
         model.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
-        for batch in self.batches:
+        if parallel.model_loss is None:  # tensor / pipeline parallel: the sharded model or the last stage has the loss
+            nats, tokens = parallel.eval_loss([(b["input"].to(self.device), b["target"].to(self.device))
+                                               for b in self.batches])
+            totals[0] += nats.double()
+            totals[1] += tokens
+        for batch in self.batches if parallel.model_loss is not None else []:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with autocast():
                 hidden = model(batch["input"], return_hidden=True)
@@ -203,18 +181,28 @@ def run_pretrain(recipe: Recipe) -> dict:
         (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
 
     torch.manual_seed(p.seed)
+    par = p.parallel
+    dims = ParallelDims.resolve(par.dp_replicate, par.dp_shard, par.tp, par.pp, world_size=dinfo.world)
+    dims.check_model(cfg, p.seq_len)
+    accum = grad_accumulation(p, dims.dp)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     model = build_model(cfg, device, seed=p.seed)
-    model = apply_wrappers(model, p)  # the parallelism helper's `parallelize(...)` goes here
-    dp_rank, dp_world = dinfo.rank, dinfo.world
+    # The one seam where the model is wrapped: pipeline split -> TP -> AC -> compile -> FSDP2.
+    parallel = parallelize(model, dims, build_mesh(dims, device.type), device,
+                           model_loss=lambda m, x, y: compute_loss(m, {"input": x, "target": y}, p.loss_chunk),
+                           loss_parallel=par.loss_parallel, activation_checkpointing=p.activation_checkpointing,
+                           compile=p.compile, param_dtype=resolve_param_dtype(par.param_dtype, device),
+                           pp_schedule=par.pp_schedule, pp_microbatches=par.pp_microbatches,
+                           local_batch=p.micro_batch * accum, autocast=autocast)
+    model = parallel.model
+    dp_rank, dp_world = parallel.dp_rank, parallel.dp_world
     optimizer = build_optimizer(model, p.optimizer)
     schedule = lr_multiplier(p.schedule, p.steps, p.optimizer.lr)
-    accum = grad_accumulation(p, dp_world)
     weights = _source_weights(recipe)
     loader = TokenLoader(data_dir, "train", p.seq_len, p.micro_batch, weights=weights, seed=p.seed,
                          rank=dp_rank, world=dp_world, identity=tokenizer.identity())
     validator = Validator(data_dir, p, tokenizer, weights, dp_rank, dp_world, device) \
         if any((data_dir / "val").glob("*/*.ds")) else None
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
 
     step, skipped_total = 0, 0
     ckpt_root = run_dir / "checkpoints"
@@ -248,7 +236,6 @@ def run_pretrain(recipe: Recipe) -> dict:
              "device %s, starting at step %d", recipe.name, cfg.param_counts()["total"], p.steps, tokens_per_step,
              accum, p.micro_batch, p.seq_len, dp_world, device, step)
 
-    params = [q for q in model.parameters() if q.requires_grad]
     bad_in_row, last = 0, {}
     window_time, window_tokens = 0.0, 0
     model.train()
@@ -257,17 +244,11 @@ def run_pretrain(recipe: Recipe) -> dict:
         lr = p.optimizer.lr * schedule(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in loader.next_batch().items()}
-            with autocast():
-                loss = compute_loss(model, batch, p.loss_chunk)
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-        if dp_world > 1:
-            _allreduce_grads(model, dp_world)
-        loss = _mean_over_ranks(loss_sum / accum, dp_world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, p.optimizer.clip if p.optimizer.clip > 0 else math.inf)
+        batches = [loader.next_batch() for _ in range(accum)]
+        # Forward/backward of every micro-batch (pipelined when pp > 1); the loss comes back dp-averaged.
+        loss = parallel.forward_backward([(b["input"].to(device, non_blocking=True), b["target"].to(device, non_blocking=True))
+                                          for b in batches])
+        grad_norm = parallel.clip_grad_norm_(p.optimizer.clip if p.optimizer.clip > 0 else math.inf)
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
@@ -296,13 +277,13 @@ def run_pretrain(recipe: Recipe) -> dict:
         if step % p.log_every == 0 or step == p.steps:
             tok_s = window_tokens / max(window_time, 1e-9)
             last = {"step": step, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
-                    "mfu": flops_per_token * tok_s / (peak * dp_world), "tokens": step * tokens_per_step,
+                    "mfu": flops_per_token * tok_s / (peak * dinfo.world), "tokens": step * tokens_per_step,
                     "skipped_steps": skipped_total}
             metrics.log(last, f"step {step}/{p.steps} | loss {last['loss']:.4f} | lr {lr:.2e} | grad norm "
                               f"{last['grad_norm']:.3f} | {tok_s:,.0f} tok/s | MFU {last['mfu']:.1%}")
             window_time, window_tokens = 0.0, 0
         if validator is not None and (step % p.eval_every == 0 or step == p.steps):
-            val = validator.evaluate(model, p.loss_chunk, autocast, dp_world)
+            val = validator.evaluate(parallel, p.loss_chunk, autocast, dinfo.world)
             metrics.log({"step": step, **val}, f"step {step} | val loss {val['val_loss']:.4f} | "
                                                f"val bits/byte {val['val_bpb']:.4f}")
             last.update(val)

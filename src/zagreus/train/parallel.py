@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -45,6 +44,9 @@ log = logging.getLogger(__name__)
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (model, inputs, targets) -> mean loss, for a loss that fuses the output head (unsharded models only).
+ModelLossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 # --- layout ---------------------------------------------------------------------------------
@@ -109,26 +111,6 @@ class ParallelDims:
                                 f"(use dp_shard / tp instead)")
 
 
-def world_from_env() -> tuple[int, int, int]:
-    """(rank, local rank, world size) as torchrun (or Slurm via torchrun) sets them."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def init_distributed(device_type: str) -> None:
-    """Start the default process group when torchrun launched several processes.
-
-    nccl for CUDA tensors with gloo beside it for CPU ones (DCP and small CPU collectives).
-    """
-    _, local_rank, world = world_from_env()
-    if world == 1 or dist.is_initialized():
-        return
-    if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("cuda:nccl,cpu:gloo")
-    else:
-        dist.init_process_group("gloo")
-
-
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh | None:
     """The world's DeviceMesh with named dims, and "dp" flattened; None for one process."""
     if dims.world_size == 1:
@@ -153,6 +135,22 @@ def stage_layers(n_layers: int, pp: int) -> list[range]:
         ranges.append(range(start, start + size))
         start += size
     return ranges
+
+
+def pipeline_microbatches(requested: int, pp: int, local_batch: int) -> int:
+    """Pipeline micro-batches per step: `requested`, or by default as many as the pipeline has stages.
+
+    local_batch: sequences one rank feeds the schedule per optimizer step (micro_batch x
+    accumulation steps), which the schedule cuts into equal micro-batches.
+    """
+    n = requested or pp
+    if n < pp:
+        raise UserError(f"pretrain.parallel.pp_microbatches = {n} is fewer than pp = {pp}: the pipeline would idle; "
+                        f"use at least {pp}")
+    if local_batch % n:
+        raise UserError(f"pretrain.parallel.pp_microbatches = {n} does not divide the {local_batch} sequences per rank "
+                        f"and step (micro_batch x accumulation); pick a divisor of {local_batch}")
+    return n
 
 
 def split_stage(model: Transformer, stage: int, pp: int) -> Transformer:
@@ -256,7 +254,10 @@ def apply_data_parallel(model: Transformer, dims: ParallelDims, mesh: DeviceMesh
         reshard = dims.pp == 1
         for block in model.layers.values():
             fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
-        fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+        # The root (embedding, final norm, head) stays gathered after forward: backward needs it at
+        # once, and a fused loss reads lm_head.weight outside forward (its grad is reduced at the
+        # end of backward by FSDP's final callback).
+        fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
     else:
         from torch.distributed._composable.replicate_with_fsdp import replicate
 
@@ -266,6 +267,13 @@ def apply_data_parallel(model: Transformer, dims: ParallelDims, mesh: DeviceMesh
 
 
 # --- losses and gradients -------------------------------------------------------------------
+def resolve_param_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """pretrain.parallel.param_dtype: "auto" computes in bfloat16 on CUDA, float32 on CPU (no native bf16)."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, choice)
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy; with vocabulary-sharded DTensor logits it runs loss-parallel."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
@@ -295,29 +303,32 @@ def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float, pp_group: d
 class ParallelModel:
     """A model (or this rank's pipeline stage) in its distributed form, with one training step.
 
-    `forward_backward(inputs, targets)` runs forward and backward over this rank's batch
-    (pipelined into micro-batches when pp > 1) and returns the loss averaged over the whole
-    data-parallel batch, the same value on every rank.
+    `forward_backward(batches)` runs forward and backward over this rank's micro-batches
+    (pipelined when pp > 1) and returns the loss averaged over the whole data-parallel batch,
+    the same value on every rank; `eval_loss` is its forward-only twin.
     """
 
     def __init__(self, model: Transformer, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device,
-                 loss_fn: LossFn = cross_entropy, loss_parallel: bool = True, pp_schedule: str = "1f1b",
-                 pp_microbatches: int = 0):
+                 loss_fn: LossFn = cross_entropy, model_loss: ModelLossFn | None = None, loss_parallel: bool = True,
+                 pp_schedule: str = "1f1b", pp_microbatches: int = 0, local_batch: int | None = None,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.model, self.dims, self.mesh, self.device = model, dims, mesh, device
-        self.loss_fn = loss_fn
+        self.loss_fn, self.autocast = loss_fn, autocast
+        # A fused (chunked) loss needs the whole output matrix and plain hidden states: no TP, no PP.
+        self.model_loss = model_loss if dims.tp == 1 and dims.pp == 1 else None
         self.loss_parallel = loss_parallel and dims.tp > 1
         self.schedule = None
+        self.n_microbatches = 0
+        self._step_batch: int | None = None  # sequences per pipeline step; the stages' shapes follow it
         if dims.pp > 1:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-            n_micro = pp_microbatches or dims.pp
-            if pp_schedule == "1f1b" and n_micro < dims.pp:
-                raise UserError(f"pretrain.parallel.pp_microbatches = {n_micro} is fewer than pp = {dims.pp}, which 1F1B "
-                                f"needs; use at least {dims.pp} micro-batches or pp_schedule: gpipe")
+            if local_batch is None:
+                raise ValueError("pipeline parallelism needs local_batch, the sequences per rank and step")
+            self.n_microbatches = pipeline_microbatches(pp_microbatches, dims.pp, local_batch)
             stage = PipelineStage(model, self.pp_rank, dims.pp, device, group=mesh["pp"].get_group())
             cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[pp_schedule]
-            self.schedule = cls(stage, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=True)
-            self.n_microbatches = n_micro
+            self.schedule = cls(stage, n_microbatches=self.n_microbatches, loss_fn=loss_fn, scale_grads=True)
 
     # Ranks and stages ---------------------------------------------------------------------
     def _rank(self, dim: str) -> int:
@@ -354,32 +365,64 @@ class ParallelModel:
         return loss_parallel()
 
     # The step -----------------------------------------------------------------------------
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """Gradients of this rank's batch accumulate into .grad; returns the dp-averaged loss.
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            if self.model_loss is not None:
+                return self.model_loss(self.model, inputs, targets)
+            return self.loss_fn(self.model(inputs), targets)
 
-        `scale` divides the backward loss for gradient accumulation over several calls.
+    def forward_backward(self, batches: list[Batch]) -> torch.Tensor:
+        """Gradients of this rank's micro-batches accumulate into .grad; returns the mean loss over
+        the micro-batches of every data-parallel rank (the same value on every rank).
+
+        Without pipelining each micro-batch runs forward and backward in turn (gradient
+        accumulation); with it they are joined and the schedule cuts them into its micro-batches.
         """
         with self.loss_context():
             if self.schedule is None:
-                loss = self.loss_fn(self.model(inputs), targets)
-                (loss * scale if scale != 1.0 else loss).backward()
-                value = plain(loss).detach().float()
+                total = torch.zeros((), device=self.device)
+                for inputs, targets in batches:
+                    loss = self._loss(inputs, targets)
+                    (loss / len(batches)).backward()
+                    total += plain(loss).detach().float()
+                value = total / len(batches)
             else:
-                value = self._pipeline_step(inputs, targets, scale)
+                inputs, targets = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+                self._step_batch = len(inputs)
+                with self.autocast():  # forward and backward interleave inside the schedule
+                    value = self._pipeline(self.schedule.step, inputs, targets)
         return self._dp_mean(value)
 
-    def _pipeline_step(self, inputs: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
-        if scale != 1.0:
-            raise UserError("gradient accumulation with pipeline parallelism: raise pretrain.parallel.pp_microbatches "
-                            "instead of accumulating steps")
+    @torch.no_grad()
+    def eval_loss(self, batches: list[Batch]) -> tuple[torch.Tensor, int]:
+        """(summed loss, tokens) of this rank's batches, forward only; equal on every rank of a dp group.
+
+        With pipelining the batches are joined into groups of one training step's sequences
+        (the stages' buffers have those shapes), so their count must be a multiple of it.
+        """
+        tokens = sum(y.numel() for _, y in batches)
+        with self.loss_context():
+            if self.schedule is None:
+                return torch.stack([plain(self._loss(x, y)).float() * y.numel() for x, y in batches]).sum(), tokens
+            inputs, targets = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+            group = self._step_batch
+            if group is None or len(inputs) % group:
+                raise UserError(f"validation with pipeline parallelism runs in groups of one training step's "
+                                f"{group} sequences per rank; make pretrain.eval_batches x micro_batch "
+                                f"({len(inputs)}) a multiple of it")
+            with self.autocast():
+                means = [self._pipeline(self.schedule.eval, inputs[i:i + group], targets[i:i + group])
+                         for i in range(0, len(inputs), group)]
+            return torch.stack(means).sum() * targets[:group].numel(), tokens
+
+    def _pipeline(self, run: Callable, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         losses: list[torch.Tensor] = []
         if self.is_first_stage:
-            self.schedule.step(inputs, target=targets if self.is_last_stage else None,
-                               losses=losses if self.is_last_stage else None)
+            run(inputs, target=targets if self.is_last_stage else None, losses=losses if self.is_last_stage else None)
         elif self.is_last_stage:
-            self.schedule.step(target=targets, losses=losses)
+            run(target=targets, losses=losses)
         else:
-            self.schedule.step()
+            run()
         value = torch.stack([plain(x).detach().float() for x in losses]).mean() if losses else torch.zeros((), device=self.device)
         # Only the last stage knows the loss: the sum over stages hands it to every rank.
         dist.all_reduce(value, group=self.mesh["pp"].get_group())
@@ -398,9 +441,10 @@ class ParallelModel:
 
 
 def parallelize(model: Transformer, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device, *,
-                loss_fn: LossFn = cross_entropy, loss_parallel: bool = True, activation_checkpointing: bool = False,
-                compile: bool = False, param_dtype: torch.dtype = torch.float32, pp_schedule: str = "1f1b",
-                pp_microbatches: int = 0) -> ParallelModel:
+                loss_fn: LossFn = cross_entropy, model_loss: ModelLossFn | None = None, loss_parallel: bool = True,
+                activation_checkpointing: bool = False, compile: bool = False, param_dtype: torch.dtype = torch.float32,
+                pp_schedule: str = "1f1b", pp_microbatches: int = 0, local_batch: int | None = None,
+                autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> ParallelModel:
     """Turn a full, initialised model (identical on every rank) into this rank's distributed part.
 
     Order: pipeline split -> TP -> AC -> compile -> FSDP2 (see the module docstring for why).
@@ -415,5 +459,6 @@ def parallelize(model: Transformer, dims: ParallelDims, mesh: DeviceMesh | None,
         apply_compile(model)
     if dims.dp > 1:
         apply_data_parallel(model, dims, mesh, param_dtype)
-    return ParallelModel(model, dims, mesh, device, loss_fn=loss_fn, loss_parallel=loss_parallel,
-                         pp_schedule=pp_schedule, pp_microbatches=pp_microbatches)
+    return ParallelModel(model, dims, mesh, device, loss_fn=loss_fn, model_loss=model_loss, loss_parallel=loss_parallel,
+                         pp_schedule=pp_schedule, pp_microbatches=pp_microbatches, local_batch=local_batch,
+                         autocast=autocast)
