@@ -411,14 +411,17 @@ def test_chat_loop_llama3_template_and_commands(export_dir):
     engine = open_engine(export_dir, template="llama3")
     tok = engine.tokenizer
     assert engine.stop_ids == stop_token_ids(tok, "llama3") and tok.special_tokens["<|eot_id|>"] in engine.stop_ids
-    lines = iter(["Say hello\n", "/help\n", "/reset\n", "Say hello\n", ""])
+    lines = iter(["Say hello\n", "/help\n", "/reset\n", "gatto " * 500 + "\n", "Say hello\n", ""])
     out: list[str] = []
     chat_loop(engine, SamplingParams(temperature=0, max_new_tokens=12), lambda: next(lines), out.append, system="Be kind.")
     msgs = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Say hello"}]
     prompt = render(msgs, tok, template="llama3", add_generation_prompt=True).ids
     assert prompt[:2] == [tok.bos_id, tok.special_tokens["<|start_header_id|>"]]
     expected = tok.decode(generate(engine.model, prompt, SamplingParams(max_new_tokens=12, stop_ids=engine.stop_ids)))
-    assert "".join(out) == f"{expected}\n{HELP}\n(conversation reset)\n{expected}\n"
+    too_long = [msgs[0], {"role": "user", "content": ("gatto " * 500).strip()}]
+    n = len(render(too_long, tok, template="llama3", add_generation_prompt=True).ids)
+    overflow = f"error: the prompt has {n} tokens but the model's context is 384 tokens and the reply needs at least one"
+    assert "".join(out) == f"{expected}\n{HELP}\n(conversation reset)\n{overflow}; shorten the messages\n{expected}\n"
 
 
 def test_context_policies(export_dir):

@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Callable, TextIO
 
-from zagreus.serve.engine import Engine, TextStream
+from zagreus.serve.engine import ContextOverflow, Engine, TextStream
 
 HELP = "commands: /reset clears the conversation, /tool TEXT sends a tool result, /exit quits"
 
@@ -71,7 +71,11 @@ def chat_loop(engine: Engine, params, read: Callable[[], str], write: Callable[[
             continue
         else:
             messages.append({"role": "user", "content": line})
-        messages.append(reply(engine, messages, tools, params, write))
+        try:
+            messages.append(reply(engine, messages, tools, params, write))
+        except ContextOverflow as exc:  # even the last message alone is too long: say so, keep going
+            messages.pop()
+            write(f"error: {exc}\n")
 
 
 def run(engine: Engine, params, stdin: TextIO, stdout: TextIO, system: str | None = None,
