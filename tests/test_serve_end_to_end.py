@@ -395,6 +395,12 @@ def test_web_page_streams_a_reply(server, reference):
         text2 = driver.execute_script("return arguments[0].querySelector('.content').textContent", second)
         history = HELLO_MSGS + [{"role": "assistant", "content": HELLO}, {"role": "user", "content": "Ciao, come stai?"}]
         assert text2 == reference.chat(history, max_tokens=256)[0]
+        # A message too long for the context: the page shows the server's 400 message.
+        driver.execute_script("document.getElementById('input').value = arguments[0]", "gatto " * 500)
+        driver.find_element(By.ID, "send").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.error[data-done='true']"))
+        error = driver.find_element(By.CSS_SELECTOR, ".msg.error .content").text
+        assert error.startswith("error: the prompt has") and "context is 384 tokens" in error
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
