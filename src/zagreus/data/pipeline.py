@@ -41,7 +41,6 @@ import numpy as np
 from zagreus.data import shards
 from zagreus.data.filters import LanguageFilter, MinHasher, NearDupIndex, is_validation, length_ok, quality_reason, text_digest
 from zagreus.data.sources import Doc, Skip, WorkUnit, input_signature, plan_source, read_unit
-from zagreus.errors import UserError
 from zagreus.recipe import DataSection, Source
 
 log = logging.getLogger(__name__)
