@@ -2,7 +2,8 @@
 
 Real runs of the pretraining loop (`torchrun -m zagreus.cli pretrain RECIPE`) on a tiny model
 and a small tokenized handbook sample:
-- dp=2, tp=2, pp=2 (1F1B) and dp=2 x tp=2 x pp=2 (8 ranks, GPipe, activation checkpointing):
+- dp=2 (FSDP2), HSDP 2x2, replicated dp=2, tp=2, pp=2 (1F1B) and dp=2 x tp=2 x pp=2 (8 ranks,
+  GPipe, activation checkpointing):
   five steps' losses and gradient norms, the validation loss, tokens per source, the loader
   state and the final checkpoint's weights equal the single-process run's within 1e-5.
 - dp=2 x tp=2 saves a checkpoint after 3 steps; resuming it under dp=1 (one process) and under
@@ -61,13 +62,13 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def make_recipe(data: Path, run: Path, steps: int = STEPS, eval_batches: int = 2, tie: bool = False,
-                **parallel) -> Path:
+                micro_batch: int = 4, **parallel) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer", "data"):
         if not (run / name).exists():
             (run / name).symlink_to(data / name)
     pretrain = {
-        "seq_len": 32, "micro_batch": 4, "tokens_per_step": 32 * 8, "steps": steps, "seed": 5, "device": "cpu",
+        "seq_len": 32, "micro_batch": micro_batch, "tokens_per_step": 32 * 8, "steps": steps, "seed": 5, "device": "cpu",
         "log_every": 1, "eval_every": STEPS, "eval_batches": eval_batches, "loss_chunk": 40,
         # Constant lr: runs of 3 or 4 steps see the same schedule as the 5-step one. eps: see above.
         "optimizer": {"lr": 2e-3, "eps": 1e-6, "clip": 0.5}, "schedule": {"kind": "constant", "warmup": 0},
@@ -140,16 +141,20 @@ def assert_same_run(run: Path, ref: Path, steps: range) -> None:
 
 @pytest.mark.parametrize("nproc,tie,layout", [
     (2, True, {"dp_shard": 2}),
+    (4, True, {"dp_replicate": 2, "dp_shard": 2}),
+    (2, True, {"dp_replicate": 2, "dp_shard": 1}),
     (2, True, {"tp": 2}),
     (2, False, {"pp": 2, "pp_schedule": "1f1b"}),
     (8, False, {"tp": 2, "pp": 2, "pp_schedule": "gpipe", "ac": True}),
-], ids=["dp2", "tp2", "pp2-1f1b", "dp2xtp2xpp2-gpipe-ac"])
+], ids=["dp2", "hsdp2x2", "replicate2", "tp2", "pp2-1f1b", "dp2xtp2xpp2-gpipe-ac"])
 def test_pretrain_under_torchrun_equals_single_process(data_dir, references, tmp_path, nproc, tie, layout) -> None:
     reference = references[tie]
     run = tmp_path / "run"
     dp = nproc // (layout.get("tp", 1) * layout.get("pp", 1))
-    # Validation batches per dp rank: in all as many sequences as the reference's 4 batches.
-    torchrun(nproc, make_recipe(data_dir, run, eval_batches=4 // dp, tie=tie, **layout))
+    micro_batch = min(4, 8 // dp)  # 8 sequences per step in all
+    # Validation batches per dp rank: in all as many sequences as the reference's 4 x 4.
+    torchrun(nproc, make_recipe(data_dir, run, eval_batches=16 // (micro_batch * dp), micro_batch=micro_batch, tie=tie,
+                                **layout))
     assert_same_run(run, reference, range(1, STEPS + 1))
     got, want = metrics(run)[STEPS], metrics(reference)[STEPS]
     assert got["val_loss"] == pytest.approx(want["val_loss"], abs=TOL)
