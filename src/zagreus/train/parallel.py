@@ -450,6 +450,10 @@ def parallelize(model: Transformer, dims: ParallelDims, mesh: DeviceMesh | None,
     Order: pipeline split -> TP -> AC -> compile -> FSDP2 (see the module docstring for why).
     """
     pp_rank = mesh["pp"].get_local_rank() if mesh is not None else 0
+    if mesh is not None:
+        log.info("parallel layout %s on a %s mesh %s; this rank: pp stage %d, dp rank %d; AC %s, compile %s",
+                 dims, mesh.device_type, tuple(mesh.shape), pp_rank, dp_mesh(mesh).get_local_rank(),
+                 activation_checkpointing, compile)
     split_stage(model, pp_rank, dims.pp)
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], loss_parallel)
