@@ -29,12 +29,18 @@ def test_chunked_equals_plain(dtype, tol, reduction):
     if reduction == "none":
         plain = plain.reshape(targets.shape)
     grad_out = torch.randn_like(plain)
-    ref_h, ref_w = torch.autograd.grad((plain * grad_out).sum(), [hidden, weight])
+    ref_h, ref_w = torch.autograd.grad((plain * grad_out).sum(), [hidden, weight], retain_graph=True)
+    if reduction != "none":  # loss.backward() itself: the gradient of the output is exactly 1
+        one_h, one_w = torch.autograd.grad(plain, [hidden, weight])
     for chunk in (1, 16, 50, 10_000):  # 1 row, uneven chunks, a single chunk
         ours = chunked_cross_entropy(hidden, weight, targets, chunk_tokens=chunk, reduction=reduction)
         g_h, g_w = torch.autograd.grad((ours * grad_out).sum(), [hidden, weight])
         assert ours.shape == plain.shape
-        for got, ref in ((ours, plain), (g_h, ref_h), (g_w, ref_w)):
+        pairs = [(ours, plain), (g_h, ref_h), (g_w, ref_w)]
+        if reduction != "none":
+            ours = chunked_cross_entropy(hidden, weight, targets, chunk_tokens=chunk, reduction=reduction)
+            pairs += list(zip(torch.autograd.grad(ours, [hidden, weight]), (one_h, one_w)))
+        for got, ref in pairs:
             scale = 1.0 if dtype == torch.float64 else max(1.0, ref.abs().max().item())
             assert (got - ref).abs().max().item() <= tol * scale
 

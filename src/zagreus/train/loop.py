@@ -131,6 +131,8 @@ class Validator:
 
     def __init__(self, data_dir: Path, p: PretrainSection, tokenizer, weights, dp_rank: int, dp_world: int,
                  device: torch.device):
+        if weights is not None:  # a small source may have no held-out documents; validate on the others
+            weights = {name: w for name, w in weights.items() if (data_dir / "val" / name).is_dir()} or None
         loader = TokenLoader(data_dir, "val", p.seq_len, p.micro_batch, weights=weights, seed=p.seed,
                              rank=dp_rank, world=dp_world, shuffle=False)
         self.batches = [loader.next_batch() for _ in range(p.eval_batches)]
@@ -160,6 +162,19 @@ class Validator:
         model.train()
         nats, tokens, n_bytes = totals.tolist()
         return {"val_loss": nats / tokens, "val_bpb": bits_per_byte(nats, int(n_bytes))}
+
+
+def _build_validator(data_dir: Path, p: PretrainSection, tokenizer, weights, dp_rank: int, dp_world: int,
+                     device: torch.device) -> Validator | None:
+    """The held-out split's validator, or None (with a warning) when the split is missing or too small."""
+    if not any((data_dir / "val").glob("*/*.ds")):
+        log.warning("%s/val: no held-out shards; validation loss and bits per byte are not computed", data_dir)
+        return None
+    try:
+        return Validator(data_dir, p, tokenizer, weights, dp_rank, dp_world, device)
+    except UserError as exc:
+        log.warning("validation disabled: %s", exc)
+        return None
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -201,8 +216,7 @@ def run_pretrain(recipe: Recipe) -> dict:
     weights = _source_weights(recipe)
     loader = TokenLoader(data_dir, "train", p.seq_len, p.micro_batch, weights=weights, seed=p.seed,
                          rank=dp_rank, world=dp_world, identity=tokenizer.identity())
-    validator = Validator(data_dir, p, tokenizer, weights, dp_rank, dp_world, device) \
-        if any((data_dir / "val").glob("*/*.ds")) else None
+    validator = _build_validator(data_dir, p, tokenizer, weights, dp_rank, dp_world, device)
 
     step, skipped_total = 0, 0
     ckpt_root = run_dir / "checkpoints"
@@ -238,6 +252,8 @@ def run_pretrain(recipe: Recipe) -> dict:
 
     bad_in_row, last = 0, {}
     window_time, window_tokens = 0.0, 0
+    if step >= p.steps:
+        log.info("%s: already trained for %d steps (pretrain.steps); raise it to train further", run_dir, step)
     model.train()
     while step < p.steps:
         t0 = time.perf_counter()
