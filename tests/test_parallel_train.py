@@ -39,6 +39,9 @@ def test_dims_resolution_errors() -> None:
         ParallelDims(tp=2).check_model(tiny_config(tie=False), seq_len=33)
     with pytest.raises(UserError, match="pp = 5 is more than"):
         ParallelDims(pp=5).check_model(tiny_config(tie=False), seq_len=32)
+    with pytest.raises(UserError, match="activation_checkpointing: false or compile: false"):
+        ParallelDims(tp=2).check_features(activation_checkpointing=True, compile=True)
+    ParallelDims(dp_shard=2).check_features(activation_checkpointing=True, compile=True)
     assert pipeline_microbatches(0, 2, local_batch=8) == 2
     with pytest.raises(UserError, match="fewer than pp"):
         pipeline_microbatches(1, 2, local_batch=8)

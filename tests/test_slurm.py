@@ -31,7 +31,7 @@ echo "$@" >> "$FAKE_LOG/scontrol.log"
 """
 FAKE_SRUN = """#!/bin/bash
 printf '%s\\n' "$@" > "$FAKE_LOG/srun.args"
-for _ in $(seq 100); do [ -e "$FAKE_LOG/stop" ] && exit 0; sleep 0.1; done
+for _ in $(seq 600); do [ -e "$FAKE_LOG/stop" ] && exit 0; sleep 0.1; done
 exit 1
 """
 
@@ -72,18 +72,18 @@ def test_sbatch_two_nodes_eight_gpus(tmp_path: Path, monkeypatch) -> None:
     env = {**os.environ, "PATH": f"{_fake_bin(tmp_path)}:{os.environ['PATH']}", "FAKE_LOG": str(log),
            "SLURM_JOB_NODELIST": "gpu-a[01-02]", "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2"}
     proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 10
+    deadline = time.time() + 30
     while not (log / "srun.args").exists() and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.2)
     # The time-limit warning: the batch shell requeues the job while training keeps going.
     proc.send_signal(signal.SIGUSR1)
-    deadline = time.time() + 10
+    deadline = time.time() + 30
     while not (log / "scontrol.log").exists() and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None  # the trap did not end the job; training runs until Slurm stops it
     (log / "stop").touch()
-    out, _ = proc.communicate(timeout=15)
+    out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert (log / "scontrol.log").read_text().split() == ["requeue", "4242"]
     assert "rendezvous gpu-a01:29500" in out

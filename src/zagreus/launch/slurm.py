@@ -59,6 +59,7 @@ def check_layout(recipe_path: Path, job: SlurmJob) -> None:
     p = recipe.pretrain.parallel
     dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size=job.nodes * job.gpus_per_node)
     dims.check_model(recipe.model.resolve(), recipe.pretrain.seq_len)
+    dims.check_features(recipe.pretrain.activation_checkpointing, recipe.pretrain.compile)
     if dims.tp > job.gpus_per_node:
         raise UserError(f"{recipe_path}: pretrain.parallel.tp = {dims.tp} spans nodes ({job.gpus_per_node} GPUs each); "
                         f"keep tp within a node (tp <= {job.gpus_per_node})")

@@ -17,7 +17,9 @@ The order of composition is fixed, as in torchtitan, because each step wraps the
   DTensors so forward() sees the global sequence length for RoPE), and the output head
   keeps its logits sharded on the vocabulary for loss parallelism.
 - AC wraps each block (its inputs are then the only saved activations of the block).
-- compile then works per block on the wrapped module, so recompiles stay block-sized.
+- compile then works per block on the wrapped module, so recompiles stay block-sized. (TP, AC
+  and compile together are refused: torch 2.13 cannot compile a checkpointed region that saves
+  DTensor metadata; compiling first and checkpointing the compiled block fails under FSDP.)
 - FSDP2 last: it shards whatever parameters the previous steps produced (DTensors on the
   tp mesh included, giving 2D/3D layouts), one unit per block plus the root.
 """
@@ -88,6 +90,13 @@ class ParallelDims:
                             f"process(es) were started; set dp_shard: -1 or start {dims.world_size} processes "
                             f"(torchrun --nproc_per_node ...)")
         return dims
+
+    def check_features(self, activation_checkpointing: bool, compile: bool) -> None:
+        """Combinations torch cannot run yet, refused before any work."""
+        if self.tp > 1 and activation_checkpointing and compile:
+            raise UserError("pretrain: tensor parallelism with both activation_checkpointing and compile fails in torch "
+                            "2.13 (AOTAutograd cannot save DTensor metadata in a checkpointed region); set "
+                            "activation_checkpointing: false or compile: false, or use dp_shard instead of tp")
 
     def check_model(self, cfg: ModelConfig, seq_len: int) -> None:
         """Shapes every degree must divide, checked before any process allocates anything."""
@@ -401,7 +410,9 @@ class ParallelModel:
         (the stages' buffers have those shapes), so their count must be a multiple of it.
         """
         tokens = sum(y.numel() for _, y in batches)
-        with self.loss_context():
+        # Eager: torch 2.13's compiled blocks fail without grad on DTensors ("'Tensor' object has
+        # no attribute 'elem'") after training graphs were built; validation is a small share.
+        with self.loss_context(), torch.compiler.set_stance("force_eager"):
             if self.schedule is None:
                 return torch.stack([plain(self._loss(x, y)).float() * y.numel() for x, y in batches]).sum(), tokens
             inputs, targets = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
@@ -449,6 +460,7 @@ def parallelize(model: Transformer, dims: ParallelDims, mesh: DeviceMesh | None,
 
     Order: pipeline split -> TP -> AC -> compile -> FSDP2 (see the module docstring for why).
     """
+    dims.check_features(activation_checkpointing, compile)
     pp_rank = mesh["pp"].get_local_rank() if mesh is not None else 0
     if mesh is not None:
         log.info("parallel layout %s on a %s mesh %s; this rank: pp stage %d, dp rank %d; AC %s, compile %s",
