@@ -20,7 +20,7 @@ from unittest import mock
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 
-from zagreus.data.pipeline import Plan, UnitProcessor, finalize
+from zagreus.data.pipeline import Plan, UnitProcessor, available_cores, finalize
 from zagreus.recipe import ExecutorSection
 
 
@@ -30,12 +30,12 @@ class TokenizeUnits(PipelineStep):
     name = "zagreus tokenize units"
     type = "Tokenizer"
 
-    def __init__(self, data_dir: str, plan_hash: str):
+    def __init__(self, data_dir: str, plan_hash: str, threads: int):
         super().__init__()
-        self.data_dir, self.plan_hash = data_dir, plan_hash
+        self.data_dir, self.plan_hash, self.threads = data_dir, plan_hash, threads
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        processor = UnitProcessor(Plan.load(Path(self.data_dir), self.plan_hash))
+        processor = UnitProcessor(Plan.load(Path(self.data_dir), self.plan_hash), threads=self.threads)
         processor.run_ranks(rank, world_size)
         return None
 
@@ -63,7 +63,8 @@ def run_datatrove_local(plan: Plan, cfg: ExecutorSection, logging_dir: Path) -> 
     """Units under LocalPipelineExecutor; finalize in this process (it is one task anyway)."""
     # Unit files are our completion markers; datatrove's per-rank markers would wrongly skip a
     # rank after the number of tasks changed, so they are not used.
-    executor = LocalPipelineExecutor([TokenizeUnits(str(plan.data_dir), plan.hash)], tasks=_tasks(cfg),
+    threads = max(1, available_cores() // cfg.workers)
+    executor = LocalPipelineExecutor([TokenizeUnits(str(plan.data_dir), plan.hash, threads)], tasks=_tasks(cfg),
                                      workers=cfg.workers, logging_dir=str(logging_dir / "units"), skip_completed=False)
     executor.run()
 
@@ -75,7 +76,7 @@ def slurm_executors(plan: Plan, cfg: ExecutorSection, logging_dir: Path) -> tupl
     # sbatch wants an integer amount: a fractional "2.5G" would be rejected, so pass megabytes.
     common = dict(time=cfg.time, partition=cfg.partition, cpus_per_task=cfg.cpus_per_task, env_command=env,
                   sbatch_args={"mem-per-cpu": f"{round(cfg.mem_per_cpu_gb * 1024)}M"}, skip_completed=True)
-    units = SlurmPipelineExecutor([TokenizeUnits(str(plan.data_dir), plan.hash)], tasks=_tasks(cfg),
+    units = SlurmPipelineExecutor([TokenizeUnits(str(plan.data_dir), plan.hash, cfg.cpus_per_task)], tasks=_tasks(cfg),
                                   workers=cfg.workers, job_name=f"{cfg.job_name}-units",
                                   logging_dir=str(logging_dir / "units"), **common)
     final = SlurmPipelineExecutor([FinalizeShards(str(plan.data_dir), plan.hash)], tasks=1,

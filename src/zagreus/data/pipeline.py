@@ -122,13 +122,24 @@ def make_plan(data: DataSection, data_dir: Path, tokenizer_spec: str, identity: 
 
 
 # --- phase 2: work units --------------------------------------------------------------------
-class UnitProcessor:
-    """Reads, filters and tokenizes work units; one per process (holds the tokenizer and filters)."""
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-    def __init__(self, plan: Plan):
+
+class UnitProcessor:
+    """Reads, filters and tokenizes work units; one per process (holds the tokenizer and filters).
+
+    `threads` is this process's share of the cores: with one core each (as many workers as
+    cores) documents are encoded one by one, since the tokenizers' own thread pools would only
+    oversubscribe the cores (measured: ~20% more CPU time for the same tokens); with more, the
+    tokenizer's multi-threaded batch encoding is used.
+    """
+
+    def __init__(self, plan: Plan, threads: int | None = None):
         from zagreus.tokenizer import load_tokenizer
 
         self.plan = plan
+        self.threads = threads or available_cores()
         self.tok = load_tokenizer(plan.tokenizer)
         self.dtype = shards.token_dtype(self.tok.vocab_size)
         f = plan.data.filters
@@ -201,7 +212,8 @@ class UnitProcessor:
             nonlocal batch, batch_chars, reported
             if not batch:
                 return
-            for text, ids in zip(batch, self.tok.encode_batch(batch)):
+            encoded = self.tok.encode_batch(batch) if self.threads > 1 else [self.tok.encode(t) for t in batch]
+            for text, ids in zip(batch, encoded):
                 arr = np.asarray(bos + ids + eos, dtype=self.dtype)
                 tokens.append(arr)
                 lengths.append(len(arr))
@@ -427,9 +439,10 @@ _worker: UnitProcessor | None = None
 _queue = None
 
 
-def _init_worker(plan_json: dict, data_dir: str, queue) -> None:
+def _init_worker(plan_json: dict, data_dir: str, queue, threads: int) -> None:
     global _worker, _queue
-    _worker, _queue = UnitProcessor(Plan.from_json(plan_json, Path(data_dir))), queue
+    _worker = UnitProcessor(Plan.from_json(plan_json, Path(data_dir)), threads=threads)
+    _queue = queue
 
 
 def _run_unit(index: int) -> int:
@@ -479,7 +492,9 @@ def run_local(plan: Plan, workers: int, show_progress: bool = True) -> None:
             return
         ctx = mp.get_context("fork")
         queue = ctx.Queue()
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(plan.to_json(), str(plan.data_dir), queue)) as pool:
+        threads = max(1, available_cores() // workers)
+        with ctx.Pool(workers, initializer=_init_worker,
+                      initargs=(plan.to_json(), str(plan.data_dir), queue, threads)) as pool:
             pending = pool.map_async(_run_unit, [u.index for u in todo], chunksize=1)
             while not pending.ready() or not queue.empty():
                 try:
