@@ -4,7 +4,8 @@ Same shape (d=256, 4 layers, 4 heads, 2 KV heads, MLP 768, tied embeddings), sam
 weights (ours, copied into the reference), same batch (4 x 256 tokens), same thread count.
 A step is forward + loss + backward + gradient clipping + AdamW. Each side runs in its own
 subprocess so its peak RSS is its own; the sides alternate, repeated, so load on this shared
-machine falls on both; the median tokens/s and the highest peak RSS of each side are reported.
+machine falls on both. Every step is timed: tokens/s of the best step (each side's speed when
+the machine lets it run) and of the median step, and the highest peak RSS of each side.
 
     python benchmarks/train_step.py                      # vocab 8192 and 128256, 2 threads
     python benchmarks/train_step.py --vocab 128256 --repeats 3 --steps 4
@@ -50,7 +51,7 @@ def run_side(side: str, vocab: int, steps: int, warmup: int, threads: int) -> di
 
     cfg = _config(vocab)
     window = _batch(vocab)
-    inputs, targets = window[:, :-1], window[:, 1:]
+    inputs, targets = window[:, :-1].contiguous(), window[:, 1:].contiguous()
     ours = build_model(cfg, seed=0)
     if side == "ours":
         from zagreus.recipe import OptimizerSection
@@ -90,11 +91,12 @@ def run_side(side: str, vocab: int, steps: int, warmup: int, threads: int) -> di
     first_loss = step()
     for _ in range(warmup - 1):
         step()
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         step()
-    elapsed = time.perf_counter() - start
-    return {"side": side, "vocab": vocab, "first_loss": first_loss, "tokens_per_s": steps * BATCH * SEQ / elapsed,
+        times.append(time.perf_counter() - start)
+    return {"side": side, "vocab": vocab, "first_loss": first_loss, "step_seconds": times,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -131,20 +133,24 @@ def main() -> None:
                 results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
         measure_matmul_peak.cache_clear()
         peaks.append(measure_matmul_peak("cpu", seconds=1.0))  # re-measured between vocabularies: load drifts
-        tps = {s: statistics.median(r["tokens_per_s"] for r in rs) for s, rs in results.items()}
+        # The best step shows each side's own speed when the shared machine lets it run; the median
+        # shows what a loaded machine gives. Both are printed; the ratio of the best is the headline.
+        times = {s: [t for r in rs for t in r["step_seconds"]] for s, rs in results.items()}
+        best = {s: BATCH * SEQ / min(ts) for s, ts in times.items()}
+        median = {s: BATCH * SEQ / statistics.median(ts) for s, ts in times.items()}
         rss = {s: max(r["peak_rss_mb"] for r in rs) for s, rs in results.items()}
         losses = {s: rs[0]["first_loss"] for s, rs in results.items()}
-        flops = _config(vocab).flops_per_token(SEQ) * tps["ours"]
+        flops = _config(vocab).flops_per_token(SEQ) * best["ours"]
         peak = max(peaks)
         print(f"\nvocab {vocab:,}: {steps} timed steps x {args.repeats} runs per side (first-step loss ours "
               f"{losses['ours']:.6f}, reference {losses['reference']:.6f})")
-        print(f"  {'':10} {'tokens/s':>10} {'peak RSS MB':>12}")
+        print(f"  {'':10} {'tokens/s best step':>19} {'tokens/s median':>16} {'peak RSS MB':>12}")
         for side in ("ours", "reference"):
-            print(f"  {side:10} {tps[side]:10,.0f} {rss[side]:12,.0f}   runs: "
-                  + ", ".join(f"{r['tokens_per_s']:,.0f}" for r in results[side]))
-        print(f"  ratio      {tps['ours'] / tps['reference']:9.2f}x {rss['ours'] / rss['reference']:11.2f}x")
-        print(f"  ours: {flops / 1e9:.1f} GFLOP/s model FLOPs = {flops / peak:.0%} of the measured fp32 matmul peak "
-              f"({peak / 1e9:.1f} GFLOP/s)")
+            print(f"  {side:10} {best[side]:19,.0f} {median[side]:16,.0f} {rss[side]:12,.0f}")
+        print(f"  ratio      {best['ours'] / best['reference']:18.2f}x {median['ours'] / median['reference']:15.2f}x "
+              f"{rss['ours'] / rss['reference']:11.2f}x")
+        print(f"  ours (best step): {flops / 1e9:.1f} GFLOP/s model FLOPs = {flops / peak:.0%} of the measured fp32 "
+              f"matmul peak ({peak / 1e9:.1f} GFLOP/s, best of {len(peaks)} measurements)")
 
 
 if __name__ == "__main__":
