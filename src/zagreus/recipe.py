@@ -194,7 +194,8 @@ class PretrainSection(Strict):
     compile: bool = False
     activation_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    loss_chunk: int = Field(4096, ge=1, description="tokens per chunk of the cross-entropy over the vocabulary")
+    loss_chunk: int = Field(1024, ge=1, description="tokens per chunk of the cross-entropy over the vocabulary "
+                                                    "(one chunk of fp32 logits: 1024 x 128,256 x 4 B = 525 MB)")
     peak_flops: float | None = Field(None, description="peak FLOP/s per device for MFU; None measures it")
     max_bad_steps: int = Field(5, ge=1, description="non-finite steps in a row that stop the run")
 
