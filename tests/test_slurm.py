@@ -75,6 +75,7 @@ def test_sbatch_two_nodes_eight_gpus(tmp_path: Path, monkeypatch) -> None:
     deadline = time.time() + 30
     while not (log / "srun.args").exists() and time.time() < deadline:
         time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[0]  # the script reached srun and waits on it
     time.sleep(0.2)
     # The time-limit warning: the batch shell requeues the job while training keeps going.
     proc.send_signal(signal.SIGUSR1)

@@ -95,7 +95,9 @@ export PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-1}}
 
 # Rendezvous on the first node of the allocation (c10d store hosted by its torchrun).
-head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# (No `| head -n 1`: with pipefail, scontrol's SIGPIPE on a long node list would end the job.)
+mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+head_node=${{nodes[0]}}
 echo "job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST, rendezvous $head_node:{RDZV_PORT}"
 
 # Near the time limit Slurm sends USR1 here: requeue, and the next start resumes from the
