@@ -217,6 +217,10 @@ def run_pretrain(recipe: Recipe) -> dict:
     loader = TokenLoader(data_dir, "train", p.seq_len, p.micro_batch, weights=weights, seed=p.seed,
                          rank=dp_rank, world=dp_world, identity=tokenizer.identity())
     validator = _build_validator(data_dir, p, tokenizer, weights, dp_rank, dp_world, device)
+    if validator is not None and dims.pp > 1 and p.eval_batches % accum:
+        # Validation goes through the pipeline in groups shaped like a training step.
+        raise UserError(f"pretrain.eval_batches {p.eval_batches} is not a multiple of the {accum} accumulation steps, "
+                        f"which pipeline parallelism needs; set eval_batches: {-(-p.eval_batches // accum) * accum}")
 
     step, skipped_total = 0, 0
     ckpt_root = run_dir / "checkpoints"
