@@ -31,7 +31,7 @@ def test_dims_resolution_errors() -> None:
     assert ParallelDims.resolve(1, -1, 2, 2, world_size=8) == ParallelDims(1, 2, 2, 2)
     with pytest.raises(UserError, match="do not divide|does not divide"):
         ParallelDims.resolve(1, -1, 3, 1, world_size=8)
-    with pytest.raises(UserError, match="torchrun"):
+    with pytest.raises(UserError, match="dp_shard: -1 to take them all"):
         ParallelDims.resolve(1, 2, 2, 1, world_size=8)
     with pytest.raises(UserError, match="n_kv_heads"):
         ParallelDims(tp=4).check_model(tiny_config(tie=False), seq_len=32)

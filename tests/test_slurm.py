@@ -62,7 +62,7 @@ def test_sbatch_two_nodes_eight_gpus(tmp_path: Path, monkeypatch) -> None:
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --time=12:00:00", "#SBATCH --requeue",
                  "#SBATCH --signal=B:USR1@300", f"#SBATCH --output={script.parent}/%x-%j.out",
-                 "#SBATCH --job-name=zagreus-slurm-test"):
+                 "#SBATCH --job-name=slurm-test"):
         assert line in text.splitlines(), line
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
 

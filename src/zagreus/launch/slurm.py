@@ -70,7 +70,7 @@ def render_sbatch(recipe_path: Path, name: str, log_dir: Path, workdir: Path, jo
     recipe_arg = shlex.quote(str(recipe_path.resolve()))
     head = [
         "#!/bin/bash",
-        f"#SBATCH --job-name=zagreus-{name}",
+        f"#SBATCH --job-name={name}",
         f"#SBATCH --nodes={job.nodes}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --gpus-per-node={job.gpus_per_node}",

@@ -80,15 +80,15 @@ class ParallelDims:
             rest = dp_replicate * tp * pp
             if world_size % rest:
                 raise UserError(f"{where}: dp_replicate x tp x pp = {rest} does not divide the {world_size} processes "
-                                f"started; start a multiple of {rest} processes or change the degrees")
+                                f"(GPUs) of the job; use a multiple of {rest} processes or change the degrees")
             dp_shard = world_size // rest
         if dp_shard < 1:
             raise UserError(f"{where}.dp_shard is {dp_shard}; use 1 or more, or -1 for every rank left")
         dims = cls(dp_replicate, dp_shard, tp, pp)
         if dims.world_size != world_size:
-            raise UserError(f"{where}: dp_replicate x dp_shard x tp x pp = {dims.world_size} but {world_size} "
-                            f"process(es) were started; set dp_shard: -1 or start {dims.world_size} processes "
-                            f"(torchrun --nproc_per_node ...)")
+            raise UserError(f"{where}: dp_replicate x dp_shard x tp x pp = {dims.world_size} but the job has "
+                            f"{world_size} process(es) (GPUs); set dp_shard: -1 to take them all, or run "
+                            f"{dims.world_size} processes (torchrun --nproc-per-node, zagreus slurm --nodes/--gpus-per-node)")
         return dims
 
     def check_features(self, activation_checkpointing: bool, compile: bool) -> None:
