@@ -41,6 +41,7 @@ import numpy as np
 from zagreus.data import shards
 from zagreus.data.filters import LanguageFilter, MinHasher, NearDupIndex, is_validation, length_ok, quality_reason, text_digest
 from zagreus.data.sources import Doc, Skip, WorkUnit, input_signature, plan_source, read_unit
+from zagreus.errors import UserError
 from zagreus.recipe import DataSection, Source
 
 log = logging.getLogger(__name__)
@@ -477,6 +478,8 @@ def run_local(plan: Plan, workers: int, show_progress: bool = True) -> None:
     """Process the plan's missing units on a pool of `workers` processes (dynamic assignment)."""
     import multiprocessing as mp
     import queue as queue_mod
+    from concurrent.futures import ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     todo = [u for u in plan.units if not plan.unit_path(u).is_file()]
     if not todo:
@@ -493,15 +496,30 @@ def run_local(plan: Plan, workers: int, show_progress: bool = True) -> None:
         ctx = mp.get_context("fork")
         queue = ctx.Queue()
         threads = max(1, available_cores() // workers)
-        with ctx.Pool(workers, initializer=_init_worker,
-                      initargs=(plan.to_json(), str(plan.data_dir), queue, threads)) as pool:
-            pending = pool.map_async(_run_unit, [u.index for u in todo], chunksize=1)
-            while not pending.ready() or not queue.empty():
+
+        def drain() -> None:
+            while True:
                 try:
-                    update(*queue.get(timeout=0.2))
+                    update(*queue.get_nowait())
                 except queue_mod.Empty:
-                    pass
-            pending.get()  # re-raise a worker's exception here
+                    return
+
+        # ProcessPoolExecutor, not Pool: a worker killed by the OS (e.g. out of memory) raises
+        # BrokenProcessPool here instead of hanging the run.
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(plan.to_json(), str(plan.data_dir), queue, threads)) as pool:
+            pending = {pool.submit(_run_unit, u.index) for u in todo}
+            while pending:
+                done, pending = wait(pending, timeout=0.2)
+                drain()
+                for future in done:
+                    try:
+                        future.result()  # re-raise a worker's exception here
+                    except BrokenProcessPool:
+                        raise UserError(f"a worker process died (killed by the system, e.g. out of memory?); "
+                                        f"{plan.data_dir}: finished work units are kept, run the same command "
+                                        "again to resume (or lower the workers)") from None
+        drain()
     finally:
         if bar:
             bar.close()
