@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from zagreus.data import shards
@@ -206,6 +207,17 @@ def test_sigkill_at_any_point_then_resume_is_byte_identical(tmp_path, corpus):
             kills += 1
         proc.wait()
     assert kills >= 2  # at least the phase-2 kills really happened
+    # A worker killed alone (as by the OOM killer): one resumable error line, exit status 2.
+    proc = subprocess.Popen([sys.executable, "-c", "from zagreus.cli import main; main()", "data", "tokenize",
+                             "--input", str(corpus), "--out", str(tmp_path / "broken"), "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while proc.poll() is None and not psutil.Process(proc.pid).children() and time.time() < deadline:
+        time.sleep(0.005)
+    for child in psutil.Process(proc.pid).children():
+        child.kill()
+    assert proc.wait(timeout=60) == 2
+    assert "error: a worker process died" in proc.stderr.read()
     assert not (out / "manifest.json").exists() or kills < 3
     proc = start()
     assert proc.wait(timeout=120) == 0
