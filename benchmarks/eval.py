@@ -7,7 +7,7 @@ Each side runs in its own subprocess (so peak memory is its own), timed from mod
 results, after lm-eval's task index is built. Prints both wall times, the ratio, both scores
 (acc, acc_norm), the largest per-choice log-likelihood difference and both peak RSS.
 
-    python -P benchmarks/eval.py --data-dir ../shared/data/bench [--limit N] [--threads T]
+    python benchmarks/eval.py --data-dir ../shared/data/bench [--limit N] [--threads T]
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ trained on the handbook (../shared/data). Prompts: the opening of 32 different h
 rendered with the export's ChatML template. Greedy, max_tokens 64 each. The server runs in its
 own process (`zagreus serve`); the client is the official `openai` AsyncOpenAI.
 
-    python -P benchmarks/serve_load.py [--requests 32] [--max-tokens 64] [--threads 1] [--model EXPORT]
+    python benchmarks/serve_load.py [--requests 32] [--max-tokens 64] [--threads 1] [--model EXPORT]
 """
 
 from __future__ import annotations

@@ -21,10 +21,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-# benchmarks/ holds tokenize.py, which would shadow the standard library's tokenize module.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 BATCH, SEQ = 4, 256
 

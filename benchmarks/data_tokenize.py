@@ -17,7 +17,7 @@ Wall time on a shared machine swings with other jobs, so each side also reports 
 it consumed (all threads and worker processes): ours / tiktoken CPU is the load-independent
 measure of our overhead.
 
-    python benchmarks/tokenize.py [--mb 50] [--filters] [--repeat 5]
+    python benchmarks/data_tokenize.py [--mb 50] [--filters] [--repeat 5]
 
 --filters also times our pipeline with the default recipe filters (length, quality, exact dedup).
 Last, both readers alone (no tokenization, one process) are timed on the same files.
@@ -25,19 +25,14 @@ Last, both readers alone (no tokenization, one process) are timed on the same fi
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-# This file's name shadows the standard library's `tokenize` (imported by inspect, linecache...):
-# drop its folder from the import path before anything else is imported.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
 
 HANDBOOK = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "handbook-5lang.jsonl"
 
