@@ -40,23 +40,22 @@ def _model_config_from(target: str):
 @app.command()
 def check(recipe: Path = typer.Argument(..., help="YAML recipe")) -> None:
     """Validate a recipe and print the plan: stages, model size, token budget."""
+    from zagreus.pipeline import stage_commands
     from zagreus.recipe import dump_recipe, load_recipe
 
     r = load_recipe(recipe)
-    cfg = r.model.resolve()
-    counts = cfg.param_counts()
-    p = r.pretrain
-    tokens_per_step = p.tokens_per_step or p.seq_len * p.micro_batch
-    stages = ["data" if r.data else None, "pretrain", "sft" if r.sft else None, "dpo" if r.dpo else None,
-              "eval" if r.eval.tasks else None]
     typer.echo(f"recipe {recipe}: OK")
     typer.echo(f"  run directory : {r.run_path()}")
-    typer.echo(f"  stages        : {' -> '.join(s for s in stages if s)}")
-    typer.echo(f"  model         : {r.model.preset or 'custom'}, {counts['total']:,} parameters "
-               f"({counts['non_embedding']:,} non-embedding)")
-    typer.echo(f"  pretraining   : {p.steps:,} steps x {tokens_per_step:,} tokens = {p.steps * tokens_per_step:.3g} tokens, "
-               f"{cfg.flops_per_token(p.seq_len) * p.steps * tokens_per_step:.3g} FLOPs")
-    if r.data:
+    typer.echo(f"  stages        : {' -> '.join(stage for stage, _ in stage_commands(r, recipe))}")
+    if r.data is not None:
+        cfg = r.model.resolve()
+        counts = cfg.param_counts()
+        p = r.pretrain
+        tokens_per_step = p.tokens_per_step or p.seq_len * p.micro_batch
+        typer.echo(f"  model         : {r.model.preset or 'custom'}, {counts['total']:,} parameters "
+                   f"({counts['non_embedding']:,} non-embedding)")
+        typer.echo(f"  pretraining   : {p.steps:,} steps x {tokens_per_step:,} tokens = {p.steps * tokens_per_step:.3g} tokens, "
+                   f"{cfg.flops_per_token(p.seq_len) * p.steps * tokens_per_step:.3g} FLOPs")
         total_w = sum(s.weight for s in r.data.sources)
         for s in r.data.sources:
             origin = s.hub or (s.paths() and ", ".join(s.paths())) or "python stdlib"

@@ -26,11 +26,12 @@ def stage_commands(recipe: Recipe, recipe_path: Path) -> list[tuple[str, list[st
     run_dir = str(recipe.run_path())
     path = str(recipe_path)
     commands: list[tuple[str, list[str]]] = []
+    # A recipe without data is post-training only (sft.init names the base model).
     if recipe.data is not None:
         commands.append(("data", ["data", "tokenize", path]))
-    commands.append(("pretrain", ["pretrain", path]))
-    commands.append(("export", ["export", run_dir]))
-    if recipe.eval.tasks:
+        commands.append(("pretrain", ["pretrain", path]))
+        commands.append(("export", ["export", run_dir]))
+    if recipe.eval.tasks and recipe.data is not None:
         args = ["eval", run_dir, "--every-checkpoint", "--tasks", ",".join(recipe.eval.tasks)]
         if recipe.eval.limit is not None:
             args += ["--limit", str(recipe.eval.limit)]
@@ -41,7 +42,10 @@ def stage_commands(recipe: Recipe, recipe_path: Path) -> list[tuple[str, list[st
         commands.append(("sft", ["sft", path]))
     if recipe.dpo is not None:
         commands.append(("dpo", ["dpo", path]))
-    commands.append(("release", ["release", run_dir]))
+    # Release the last model the recipe makes: DPO's, else SFT's, else the latest pretraining checkpoint.
+    last_post = "dpo" if recipe.dpo is not None else "sft" if recipe.sft is not None else None
+    final = str(recipe.run_path() / last_post / "export") if last_post else run_dir
+    commands.append(("release", ["release", final, "--out", str(recipe.run_path() / "release")]))
     return commands
 
 

@@ -76,6 +76,7 @@ def build_model_card(export_dir: Path, run_dir: Path | None, repo_id: str | None
               f"| tied embeddings | {'yes' if cfg.tie_embeddings else 'no'} |", ""]
 
     lines += _training_section(run_dir, recipe)
+    lines += _post_training_section(run_dir)
     lines += _data_section(run_dir)
     lines += _eval_section(run_dir)
     chat = json.loads((export_dir / "tokenizer_config.json").read_text()).get("chat_template") if (export_dir / "tokenizer_config.json").is_file() else None
@@ -125,6 +126,21 @@ def _training_section(run_dir: Path | None, recipe: dict) -> list[str]:
     return out + [""]
 
 
+def _post_training_section(run_dir: Path | None) -> list[str]:
+    """What `zagreus sft` / `zagreus dpo` recorded in their summary.json, as written."""
+    if run_dir is None:
+        return []
+    out = []
+    for stage in ("sft", "dpo"):
+        summary = run_dir / stage / "summary.json"
+        if summary.is_file():
+            facts = json.loads(summary.read_text())
+            shown = {k: v for k, v in facts.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+            out.append(f"- {stage.upper()}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                          for k, v in shown.items()))
+    return ["## Post-training", "", *out, ""] if out else []
+
+
 def _data_section(run_dir: Path | None) -> list[str]:
     manifest_path = run_dir / "data" / "manifest.json" if run_dir is not None else None
     if manifest_path is None or not manifest_path.is_file():
@@ -153,7 +169,9 @@ def release(source: Path, out: Path | None = None, push: str | None = None, priv
 
     source = Path(source)
     is_export = (source / "config.json").is_file()
-    run_dir = None if is_export else (source if (source / "checkpoints").is_dir() else source.parent.parent)
+    # The run directory this model came from (runs/<name>/, holding checkpoints/ or data/), if any.
+    run_dir = next((p for p in [source, *source.resolve().parents]
+                    if (p / "checkpoints").is_dir() or (p / "data" / "manifest.json").is_file()), None)
     out = Path(out) if out is not None else (run_dir or source.parent) / "release"
     if is_export:
         if out.resolve() != source.resolve():
