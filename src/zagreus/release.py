@@ -48,7 +48,7 @@ def build_model_card(export_dir: Path, run_dir: Path | None, repo_id: str | None
     recipe: dict = {}
     if run_dir is not None and (run_dir / "recipe.yaml").is_file():
         recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
-    name = repo_id or recipe.get("name") or export_dir.name
+    name = repo_id or str(export_dir)
     languages = _languages(recipe)
     front = {
         "library_name": "transformers",
@@ -58,7 +58,7 @@ def build_model_card(export_dir: Path, run_dir: Path | None, repo_id: str | None
     }
     if languages:
         front["language"] = languages
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {name}", ""]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {repo_id or recipe.get('name') or export_dir.name}", ""]
     lang_text = " and ".join(LANGUAGE_NAMES.get(c, c) for c in languages) or "its training data"
     lines += [f"A Llama-architecture decoder trained from scratch with zagreus {__version__} on {lang_text}.", ""]
 
@@ -111,14 +111,15 @@ def _training_section(run_dir: Path | None, recipe: dict) -> list[str]:
         return []
     out = ["## Training", ""]
     if meta:
-        tokens = meta.get("tokens_seen")
+        tokens = meta.get("tokens")
         out.append(f"- steps: {meta.get('step'):,}" + (f", tokens seen: {_format_tokens(tokens)}" if tokens else ""))
         per_source = meta.get("tokens_per_source") or {}
         if per_source:
             out.append("- tokens per source: " + ", ".join(f"{k} {_format_tokens(v)}" for k, v in per_source.items()))
         version = meta.get("code_version") or {}
         if version:
-            out.append(f"- code: zagreus {version.get('version', '?')}" + (f" ({version['git']})" if version.get("git") else ""))
+            out.append(f"- code: zagreus {version.get('zagreus')}, torch {version.get('torch')}"
+                       + (f", git {version['git'][:12]}" if version.get("git") else ""))
     if pre:
         opt, sched = pre.get("optimizer", {}), pre.get("schedule", {})
         out.append(f"- sequence length {pre.get('seq_len')}, AdamW lr {opt.get('lr')} betas {opt.get('betas')} "
@@ -135,9 +136,14 @@ def _post_training_section(run_dir: Path | None) -> list[str]:
         summary = run_dir / stage / "summary.json"
         if summary.is_file():
             facts = json.loads(summary.read_text())
-            shown = {k: v for k, v in facts.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-            out.append(f"- {stage.upper()}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                          for k, v in shown.items()))
+            kept = facts.get("data", {}).get("total", {}).get("kept")
+            line = f"- {stage.upper()}: {facts.get('steps')} steps, {facts.get('epochs')} epochs on {kept} examples, template {facts.get('template')}"
+            if stage == "sft" and "final_loss" in facts:
+                line += f", final loss {facts['final_loss']:.4f}"
+            final = facts.get("final") or {}
+            if final:
+                line += ", final " + ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+            out.append(line)
     return ["## Post-training", "", *out, ""] if out else []
 
 
@@ -147,10 +153,10 @@ def _data_section(run_dir: Path | None) -> list[str]:
         return []
     manifest = json.loads(manifest_path.read_text())
     sources = manifest.get("sources", {})
-    out = ["## Data", "", "| source | documents | tokens |", "|---|---|---|"]
+    out = ["## Data", "", "| source | origin | weight | training documents | training tokens |", "|---|---|---|---|---|"]
     for name, info in sources.items():
-        train = info.get("train", info)
-        out.append(f"| {name} | {train.get('documents', '?'):,} | {train.get('tokens', '?'):,} |")
+        train = info["train"]
+        out.append(f"| {name} | {info.get('origin', '')} | {info.get('weight', '')} | {train['docs']:,} | {train['tokens']:,} |")
     return out + [""]
 
 
