@@ -114,7 +114,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from zagreus.train.metrics import measure_matmul_peak
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    # Both sides with sleeping OpenMP threads, as `zagreus pretrain` sets: spinning ones collapse on a shared CPU.
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     peaks = [measure_matmul_peak("cpu", seconds=1.0)]
     print(f"CPU fp32, {args.threads} threads, batch {BATCH}x{SEQ}, d=256, 4 layers; step = forward + loss + backward "
           f"+ clip + AdamW")

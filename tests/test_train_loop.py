@@ -215,3 +215,15 @@ def test_tiny_model_learns_far_below_unigram_entropy(tmp_path, one_thread):
     # Measured: about 6.08 nats unigram vs 5.0-5.1 validation; ask for 0.75 nats (a 53% lower perplexity).
     assert last["val_loss"] < unigram - 0.75, (last["val_loss"], unigram)
     assert 0 < last["val_bpb"] < 3.0
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, one_thread):
+    from zagreus.recipe import load_recipe
+    from zagreus.train.loop import run_pretrain
+
+    results = []
+    for ac in (False, True):
+        recipe = make_run(tmp_path / str(ac), steps=4, activation_checkpointing=ac, checkpoint={"every": 100, "keep": 1})
+        run_pretrain(load_recipe(recipe))
+        results.append(losses(tmp_path / str(ac) / "run"))
+    assert results[0] == results[1] and len(results[0]) == 4
