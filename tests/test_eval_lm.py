@@ -22,13 +22,7 @@ ITALIAN_WORDS = ("il calore si sposta dalla mano al cubetto di ghiaccio freddo a
                  "animale energia luce suono forza massa velocità tempo giorno notte vento pioggia").split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared by several jobs: one thread avoids OpenMP spin-waiting between tiny ops.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def okapi_items(n: int, seed: int = 0) -> list[dict]:

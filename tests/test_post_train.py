@@ -33,13 +33,7 @@ TOOL_CONV = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a shared 2-core machine one intra-op thread is several times faster for these tiny shapes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

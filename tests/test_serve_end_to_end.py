@@ -81,13 +81,7 @@ def _fit_chat_model(out: Path) -> Path:
     return export
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On this shared 2-core machine one intra-op thread is ~10x cheaper than two fighting for cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
