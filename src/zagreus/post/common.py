@@ -142,3 +142,43 @@ def export(model, tokenizer, out_dir: Path, template: str, metadata: dict) -> Pa
 def finished(stage_dir: Path) -> bool:
     summary = stage_dir / "summary.json"
     return summary.is_file() and json.loads(summary.read_text()).get("finished", False)
+
+
+@dataclass
+class StageStart:
+    """What sft and dpo both begin with: their section, output folder, device, starting model and examples."""
+
+    sec: object
+    out: Path
+    device: torch.device
+    model: object
+    tokenizer: object
+    init_path: Path
+    examples: list
+    stats: list
+
+
+def open_stage(recipe, stage: str, default_init: Path, force: bool) -> StageStart | None:
+    """Check the recipe's `stage` section, open the starting model and read the datasets; None if already finished."""
+    from zagreus.post.datasets import load_examples
+
+    sec = getattr(recipe, stage)
+    if sec is None:
+        raise UserError(f"{recipe.source_path}: no {stage}: section; add one (see recipes/nesso-0.4b-instruct.yaml)")
+    if not sec.datasets:
+        raise UserError(f"{recipe.source_path}: key '{stage}.datasets' is empty; list at least one dataset")
+    out = recipe.run_path() / stage
+    if finished(out) and not force:
+        log.info("%s: %s is finished; pass --force to train again", stage, out)
+        return None
+    torch.manual_seed(sec.seed)
+    device = pick_device(sec.device)
+    model, tok, init_path = open_init(sec.init, recipe, default_init, stage, device)
+    if sec.seq_len > model.cfg.max_seq_len:
+        raise UserError(f"key '{stage}.seq_len' {sec.seq_len} exceeds the model's context {model.cfg.max_seq_len}; lower it")
+    examples, stats = [], []
+    for spec in sec.datasets:
+        ex, st = load_examples(spec, recipe.resolve_path, stage)
+        examples += ex
+        stats.append(st)
+    return StageStart(sec, out, device, model, tok, init_path, examples, stats)

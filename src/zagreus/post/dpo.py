@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from zagreus.errors import UserError
 from zagreus.post.common import (
-    IGNORE, Metrics, Sequence, autocast, export, finished, open_init, pad_id, padded_batch, pick_device, to_sequence,
+    IGNORE, Metrics, Sequence, autocast, export, open_stage, pad_id, padded_batch, to_sequence,
 )
 
 log = logging.getLogger(__name__)
@@ -119,30 +119,15 @@ def run_dpo(recipe, force: bool = False) -> Path:
     """The `zagreus dpo` stage; returns the export folder."""
     from tqdm import tqdm
 
-    from zagreus.post.datasets import load_examples, summarize
+    from zagreus.post.datasets import summarize
     from zagreus.recipe import dump_recipe
     from zagreus.train.optim import build_optimizer, lr_multiplier
 
-    sec = recipe.dpo
-    if sec is None:
-        raise UserError(f"{recipe.source_path}: no dpo: section; add one (see recipes/nesso-0.4b-instruct.yaml)")
-    if not sec.datasets:
-        raise UserError(f"{recipe.source_path}: key 'dpo.datasets' is empty; list at least one preference dataset")
-    out = recipe.run_path() / "dpo"
-    if finished(out) and not force:
-        log.info("dpo: %s is finished; pass --force to train again", out)
-        return out / "export"
-    torch.manual_seed(sec.seed)
-    device = pick_device(sec.device)
-    model, tok, init_path = open_init(sec.init, recipe, recipe.run_path() / "sft" / "export", "dpo", device)
-    if sec.seq_len > model.cfg.max_seq_len:
-        raise UserError(f"key 'dpo.seq_len' {sec.seq_len} exceeds the model's context {model.cfg.max_seq_len}; lower it")
-
-    examples, stats = [], []
-    for spec in sec.datasets:
-        ex, st = load_examples(spec, recipe.resolve_path, "dpo")
-        examples += ex
-        stats.append(st)
+    start = open_stage(recipe, "dpo", recipe.run_path() / "sft" / "export", force)
+    if start is None:
+        return recipe.run_path() / "dpo" / "export"
+    sec, out, device, model, tok = start.sec, start.out, start.device, start.model, start.tokenizer
+    init_path, examples, stats = start.init_path, start.examples, start.stats
     pairs, tok_stats = tokenize_pairs(examples, tok, sec.template, sec.seq_len)
     if not pairs:
         raise UserError("dpo: no pair has completion tokens within seq_len; raise dpo.seq_len")

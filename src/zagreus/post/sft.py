@@ -27,7 +27,7 @@ import torch
 
 from zagreus.errors import UserError
 from zagreus.post.common import (
-    IGNORE, Metrics, Sequence, autocast, export, finished, open_init, pad_id, padded_batch, pick_device, to_sequence,
+    IGNORE, Metrics, Sequence, autocast, export, open_stage, pad_id, padded_batch, to_sequence,
 )
 
 log = logging.getLogger(__name__)
@@ -136,30 +136,15 @@ def run_sft(recipe, force: bool = False) -> Path:
     """The `zagreus sft` stage; returns the export folder."""
     from tqdm import tqdm
 
-    from zagreus.post.datasets import load_examples, summarize
+    from zagreus.post.datasets import summarize
     from zagreus.recipe import dump_recipe
     from zagreus.train.optim import build_optimizer, lr_multiplier
 
-    sec = recipe.sft
-    if sec is None:
-        raise UserError(f"{recipe.source_path}: no sft: section; add one (see recipes/nesso-0.4b-instruct.yaml)")
-    if not sec.datasets:
-        raise UserError(f"{recipe.source_path}: key 'sft.datasets' is empty; list at least one dataset")
-    out = recipe.run_path() / "sft"
-    if finished(out) and not force:
-        log.info("sft: %s is finished; pass --force to train again", out)
-        return out / "export"
-    torch.manual_seed(sec.seed)
-    device = pick_device(sec.device)
-    model, tok, init_path = open_init(sec.init, recipe, recipe.run_path(), "sft", device)
-    if sec.seq_len > model.cfg.max_seq_len:
-        raise UserError(f"key 'sft.seq_len' {sec.seq_len} exceeds the model's context {model.cfg.max_seq_len}; lower it")
-
-    examples, stats = [], []
-    for spec in sec.datasets:
-        ex, st = load_examples(spec, recipe.resolve_path, "sft")
-        examples += ex
-        stats.append(st)
+    start = open_stage(recipe, "sft", recipe.run_path(), force)
+    if start is None:
+        return recipe.run_path() / "sft" / "export"
+    sec, out, device, model, tok = start.sec, start.out, start.device, start.model, start.tokenizer
+    init_path, examples, stats = start.init_path, start.examples, start.stats
     seqs, tok_stats = tokenize_examples(examples, tok, sec.template, sec.seq_len)
     if not seqs:
         raise UserError("sft: no conversation has an assistant token within seq_len; raise sft.seq_len")
