@@ -5,7 +5,8 @@ weights (ours, copied into the reference), same batch (4 x 256 tokens), same thr
 A step is forward + loss + backward + gradient clipping + AdamW. Each side runs in its own
 subprocess so its peak RSS is its own; the sides alternate, repeated, so load on this shared
 machine falls on both. Every step is timed: tokens/s of the best step (each side's speed when
-the machine lets it run) and of the median step, and the highest peak RSS of each side.
+the machine lets it run) and of the median step, and the highest peak RSS of each side. Then a
+paired run: both sides in one process, steps alternating, the median ratio over step pairs.
 
     python benchmarks/train_step.py                      # vocab 8192 and 128256, 2 threads
     python benchmarks/train_step.py --vocab 128256 --repeats 3 --steps 4
@@ -39,10 +40,10 @@ def _batch(vocab: int):
     return torch.randint(0, vocab, (BATCH, SEQ + 1), generator=gen)
 
 
-def run_side(side: str, vocab: int, steps: int, warmup: int, threads: int) -> dict:
+def make_step(side: str, vocab: int):
+    """A closure running one training step of `side` on the shared batch; returns the loss."""
     import torch
 
-    torch.set_num_threads(threads)
     from zagreus.train.loop import build_model, compute_loss
 
     cfg = _config(vocab)
@@ -84,6 +85,16 @@ def run_side(side: str, vocab: int, steps: int, warmup: int, threads: int) -> di
             opt.zero_grad(set_to_none=True)
             return loss.item()
 
+    return step
+
+
+def run_side(side: str, vocab: int, steps: int, warmup: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    if side == "paired":
+        return run_paired(vocab, steps, warmup)
+    step = make_step(side, vocab)
     first_loss = step()
     for _ in range(warmup - 1):
         step()
@@ -96,6 +107,21 @@ def run_side(side: str, vocab: int, steps: int, warmup: int, threads: int) -> di
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def run_paired(vocab: int, steps: int, warmup: int) -> dict:
+    """Both sides in one process, steps alternating: each pair of steps sees the same machine load."""
+    sides = {"ours": make_step("ours", vocab), "reference": make_step("reference", vocab)}
+    for _ in range(warmup):
+        for step in sides.values():
+            step()
+    times: dict[str, list[float]] = {"ours": [], "reference": []}
+    for i in range(steps):
+        for name in (("ours", "reference") if i % 2 == 0 else ("reference", "ours")):
+            start = time.perf_counter()
+            sides[name]()
+            times[name].append(time.perf_counter() - start)
+    return {"side": "paired", "vocab": vocab, "step_seconds": times}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab", type=int, nargs="+", default=[8192, 128256])
@@ -103,7 +129,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each side")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--side", choices=["ours", "reference"], help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--side", choices=["ours", "reference", "paired"], help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     if args.side:
         print(json.dumps(run_side(args.side, args.vocab[0], args.steps, args.warmup, args.threads)))
@@ -148,6 +174,15 @@ def main() -> None:
             print(f"  {side:10} {best[side]:19,.0f} {median[side]:16,.0f} {rss[side]:12,.0f}")
         print(f"  ratio      {best['ours'] / best['reference']:18.2f}x {median['ours'] / median['reference']:15.2f}x "
               f"{rss['ours'] / rss['reference']:11.2f}x")
+        # Speed again with both sides in one process, alternating step by step: the load of this
+        # shared machine swings 10x within minutes, and a pair of adjacent steps sees about the same.
+        out = subprocess.run([sys.executable, __file__, "--side", "paired", "--vocab", str(vocab), "--steps",
+                              str(2 * steps), "--warmup", str(args.warmup), "--threads", str(args.threads)],
+                             env=env, capture_output=True, text=True, check=True)
+        paired = json.loads(out.stdout.strip().splitlines()[-1])["step_seconds"]
+        ratios = [r / o for o, r in zip(paired["ours"], paired["reference"])]
+        print(f"  paired (one process, {len(ratios)} alternating step pairs): ours / reference tokens/s, median of the "
+              f"pairs {statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
     # The matmul peak is re-measured between the sides' runs; the best of all is the machine's peak.
     peak = max(peaks)
     print(f"\nmeasured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of {len(peaks)}: "
