@@ -1,14 +1,10 @@
 """Checkpoints: DCP round trip of model and optimizer, keep-K, atomic saves, model loading."""
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-import pytest
 import torch
 
 from zagreus.model.config import resolve_model_config

@@ -140,7 +140,7 @@ def test_missing_data_is_a_clear_error(tmp_path):
     out = pretrain(recipe)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert f"run `zagreus data tokenize" in out.stderr and "no tokenized data" in out.stderr
+    assert "run `zagreus data tokenize" in out.stderr and "no tokenized data" in out.stderr
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, one_thread):
