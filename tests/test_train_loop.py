@@ -227,3 +227,41 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, one_thread):
         run_pretrain(load_recipe(recipe))
         results.append(losses(tmp_path / str(ac) / "run"))
     assert results[0] == results[1] and len(results[0]) == 4
+
+
+def _okapi_arc(folder: Path, n: int = 10) -> None:
+    """A small multiple-choice set in the okapi ARC format the offline zagreus_arc_it task reads."""
+    rng = random.Random(1)
+    words = "il calore si sposta dalla mano al cubetto di ghiaccio freddo acqua sole luna terra".split()
+    items = [{"id": f"q{i}", "answer": "ABCD"[i % 4], "instruction": " ".join(rng.choices(words, k=8)) + "?",
+              **{f"option_{x}": " ".join(rng.choices(words, k=4)) for x in "abcd"}} for i in range(n)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "m_arc_it_test.json").write_text(json.dumps(items))
+    (folder / "m_arc_it_validation.json").write_text(json.dumps(items[:3]))
+
+
+def test_quick_eval_during_pretraining(tmp_path):
+    """eval.quick_task scores the model at every eval interval, equal to scoring the saved checkpoint
+    afterwards, and leaves the training losses bitwise as they are without it."""
+    from zagreus.eval.run import quick_mc_eval
+    from zagreus.train.checkpoint import load_checkpoint_model
+
+    overrides = dict(steps=6, eval_every=3, checkpoint={"every": 3, "keep": 2})
+    plain = make_run(tmp_path / "plain", **overrides)
+    assert pretrain(plain).returncode == 0
+    quick = make_run(tmp_path / "quick", **overrides)
+    _okapi_arc(tmp_path / "bench")
+    recipe = yaml.safe_load(quick.read_text())
+    recipe["eval"] = {"quick_task": "zagreus_arc_it", "quick_limit": 8, "data_dir": str(tmp_path / "bench")}
+    quick.write_text(yaml.safe_dump(recipe))
+    done = pretrain(quick)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "quick" / "run"
+    assert losses(run) == losses(tmp_path / "plain" / "run")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    scored = {r["step"]: r for r in records if "zagreus_arc_it/acc" in r}
+    assert sorted(scored) == [3, 6]
+    model, tokenizer = load_checkpoint_model(run / "checkpoints" / "step-000006")
+    again = quick_mc_eval(model, tokenizer, "zagreus_arc_it", 8, data_dir=tmp_path / "bench")
+    assert scored[6]["zagreus_arc_it/acc"] == again["acc"]
+    assert scored[6]["zagreus_arc_it/acc_norm"] == again["acc_norm"]

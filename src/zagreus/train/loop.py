@@ -17,10 +17,12 @@ import contextlib
 import logging
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -177,6 +179,22 @@ def _build_validator(data_dir: Path, p: PretrainSection, tokenizer, weights, dp_
         return None
 
 
+def _quick_eval(model: nn.Module, tokenizer, recipe: Recipe) -> dict[str, float]:
+    """eval.quick_task on the model in memory, leaving every random state as it was (exact resume)."""
+    from zagreus.eval.run import quick_mc_eval
+
+    e = recipe.eval
+    data_dir = recipe.resolve_path(e.data_dir) if e.data_dir else None
+    py_state, np_state = random.getstate(), np.random.get_state()
+    # lm-eval seeds python, numpy and torch itself; fork_rng puts torch's generators back.
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        scores = quick_mc_eval(model, tokenizer, e.quick_task, e.quick_limit, data_dir=data_dir,
+                               num_fewshot=e.num_fewshot.get(e.quick_task, 0), batch_size=e.batch_size)
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+    return {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
+
+
 # --- the loop -------------------------------------------------------------------------------
 def run_pretrain(recipe: Recipe) -> dict:
     """Train (or resume) per recipe.pretrain in recipe.run_path(); returns the last metrics."""
@@ -201,7 +219,12 @@ def run_pretrain(recipe: Recipe) -> dict:
     dims.check_model(cfg, p.seq_len)
     accum = grad_accumulation(p, dims.dp)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    quick_task = recipe.eval.quick_task
+    if quick_task and dinfo.world > 1:
+        raise UserError("eval.quick_task runs in single-process pretraining only; remove it and score checkpoints "
+                        "with `zagreus eval RUN_DIR --every-checkpoint` instead")
     model = build_model(cfg, device, seed=p.seed)
+    unwrapped = model  # the quick eval scores the plain module (same parameters, no compile)
     # The one seam where the model is wrapped: pipeline split -> TP -> AC -> compile -> FSDP2.
     parallel = parallelize(model, dims, build_mesh(dims, device.type), device,
                            model_loss=lambda m, x, y: compute_loss(m, {"input": x, "target": y}, p.loss_chunk),
@@ -307,6 +330,11 @@ def run_pretrain(recipe: Recipe) -> dict:
             metrics.log({"step": step, **val}, f"step {step} | val loss {val['val_loss']:.4f} | "
                                                f"val bits/byte {val['val_bpb']:.4f}")
             last.update(val)
+        if quick_task and (step % p.eval_every == 0 or step == p.steps):
+            scores = _quick_eval(unwrapped, tokenizer, recipe)
+            metrics.log({"step": step, **{f"{quick_task}/{k}": v for k, v in scores.items()}},
+                        f"step {step} | {quick_task} " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            last.update({f"{quick_task}/{k}": v for k, v in scores.items()})
         if bad_in_row == 0 and (step % p.checkpoint.every == 0 or step == p.steps):
             checkpoint(step)
     metrics.close()
