@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from zagreus import __version__
+from zagreus.devices import pick_device
 from zagreus.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,6 @@ def to_sequence(ids: list[int], trained: list[bool], seq_len: int) -> tuple[Sequ
     labels = [ids[i + 1] if trained[i + 1] else IGNORE for i in range(len(ids) - 1)] + [IGNORE]
     truncated = len(ids) > seq_len
     return Sequence(ids[:seq_len], labels[:seq_len]), truncated
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("device: cuda was asked for but no GPU is visible; use device: auto or cpu")
-    return torch.device(choice)
 
 
 def autocast(device: torch.device):

@@ -19,15 +19,9 @@ DEVICE_HELP = "cpu, cuda, cuda:N, or auto (cuda when available)"
 
 
 def _device(name: str) -> str:
-    import torch
+    from zagreus.devices import pick_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"--device {name}: choose cpu, cuda, cuda:N or auto")
-    return name
+    return str(pick_device(name))
 
 
 def _load_tools(path: Optional[Path]) -> list[dict] | None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import typer
@@ -13,11 +11,6 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def pretrain(recipe: Path = typer.Argument(..., help="YAML recipe; its data stage must have run")) -> None:
         """Pretrain (or resume from the latest checkpoint) the recipe's model on its tokenized shards."""
-        if "torch" not in sys.modules:
-            # OpenMP threads that spin at barriers collapse on a shared CPU (measured on 2 busy cores:
-            # 436 instead of ~5,900 tokens/s for the tiny model); sleeping threads do not. Read once,
-            # when torch loads, so it must be set before the import.
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from zagreus.recipe import load_recipe
         from zagreus.train.loop import run_pretrain
 

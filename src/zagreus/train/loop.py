@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zagreus.data.loader import TokenLoader
+from zagreus.devices import pick_device
 from zagreus.errors import UserError
 from zagreus.model.config import ModelConfig
 from zagreus.model.llama import Transformer, rope_frequencies
@@ -66,15 +67,6 @@ def init_distributed(device_type: str) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def pick_device(choice: str, local_rank: int = 0) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("pretrain.device is cuda but no CUDA device is visible; use device: auto or cpu")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> Transformer:
