@@ -41,6 +41,15 @@ def to_sequence(ids: list[int], trained: list[bool], seq_len: int) -> tuple[Sequ
     return Sequence(ids[:seq_len], labels[:seq_len]), truncated
 
 
+def tokenization_report(what: str, kept: int, truncated: int, empty: int, seq_len: int) -> dict:
+    """Log what tokenizing for seq_len cut or dropped, and return the counts for summary.json."""
+    if truncated:
+        log.warning("%d %s(s) longer than seq_len %d were cut at the end", truncated, what, seq_len)
+    if empty:
+        log.warning("%d %s(s) had no trained token within seq_len %d and were dropped", empty, what, seq_len)
+    return {f"{what}s": kept, "truncated": truncated, "dropped_no_trained_token": empty}
+
+
 def autocast(device: torch.device):
     """bf16 autocast on GPU; fp32 on CPU (this CPU kind has no native bf16)."""
     if device.type == "cuda":

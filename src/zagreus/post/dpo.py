@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from zagreus.errors import UserError
 from zagreus.post.common import (
-    IGNORE, Metrics, Sequence, autocast, export, open_stage, pad_id, padded_batch, to_sequence,
+    IGNORE, Metrics, Sequence, autocast, export, open_stage, tokenization_report, pad_id, padded_batch, to_sequence,
 )
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,7 @@ def tokenize_pairs(examples, tokenizer, template: str, seq_len: int) -> tuple[li
             empty += 1
             continue
         pairs.append(pair)
-    if truncated:
-        log.warning("%d pair(s) longer than seq_len %d were cut at the end", truncated, seq_len)
-    if empty:
-        log.warning("%d pair(s) had a completion with no token within seq_len %d and were dropped", empty, seq_len)
-    return pairs, {"pairs": len(pairs), "truncated": truncated, "dropped_no_trained_token": empty}
+    return pairs, tokenization_report("pair", len(pairs), truncated, empty, seq_len)
 
 
 def sequence_logprobs(model, tokens: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 
 from zagreus.errors import UserError
 from zagreus.post.common import (
-    IGNORE, Metrics, Sequence, autocast, export, open_stage, pad_id, padded_batch, to_sequence,
+    IGNORE, Metrics, Sequence, autocast, export, open_stage, tokenization_report, pad_id, padded_batch, to_sequence,
 )
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,7 @@ def tokenize_examples(examples, tokenizer, template: str, seq_len: int) -> tuple
             empty += 1
             continue
         seqs.append(seq)
-    if truncated:
-        log.warning("%d conversation(s) longer than seq_len %d were cut at the end", truncated, seq_len)
-    if empty:
-        log.warning("%d conversation(s) had no assistant token within seq_len %d and were dropped", empty, seq_len)
-    return seqs, {"conversations": len(seqs), "truncated": truncated, "dropped_no_trained_token": empty}
+    return seqs, tokenization_report("conversation", len(seqs), truncated, empty, seq_len)
 
 
 def pack(lengths: list[int], seq_len: int) -> list[list[int]]:
