@@ -265,3 +265,33 @@ def test_quick_eval_during_pretraining(tmp_path):
     again = quick_mc_eval(model, tokenizer, "zagreus_arc_it", 8, data_dir=tmp_path / "bench")
     assert scored[6]["zagreus_arc_it/acc"] == again["acc"]
     assert scored[6]["zagreus_arc_it/acc_norm"] == again["acc_norm"]
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes_exactly(tmp_path):
+    """SIGTERM (Slurm's requeue) mid-run: the step in flight ends, a checkpoint of it is saved (none
+    is due by the schedule), the process exits 143, and the resumed run matches an uninterrupted one."""
+    overrides = dict(steps=30, checkpoint={"every": 1000, "keep": 2})
+    whole = make_run(tmp_path / "whole", **overrides)
+    assert pretrain(whole).returncode == 0
+    reference = losses(tmp_path / "whole" / "run")
+
+    stopped = make_run(tmp_path / "stopped", **overrides)
+    run = tmp_path / "stopped" / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "zagreus.cli", "pretrain", str(stopped)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and max(losses(run) or [0]) >= 5:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.002)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    from zagreus.train.checkpoint import list_checkpoints
+
+    saved = [s for s, _ in list_checkpoints(run)]
+    assert len(saved) == 1 and 5 <= saved[0] < 30, saved
+    assert max(losses(run)) == saved[0]  # stopped right after the step it saved
+    resumed = pretrain(stopped)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert losses(run) == reference

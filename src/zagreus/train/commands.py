@@ -16,6 +16,9 @@ def register(app: typer.Typer) -> None:
 
         r = load_recipe(recipe, check_inputs=False)
         last = run_pretrain(r)
+        if last.get("stopped_by_signal"):
+            typer.echo("pretraining stopped by SIGTERM after saving a checkpoint; run the same command to resume", err=True)
+            raise typer.Exit(143)
         if last:
             typer.echo(f"pretraining done at step {last['step']}: loss {last['loss']:.4f}"
                        + (f", val loss {last['val_loss']:.4f}, val bits/byte {last['val_bpb']:.4f}" if "val_loss" in last else ""))

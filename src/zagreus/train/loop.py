@@ -18,6 +18,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,33 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(UserError):
     """Too many non-finite steps in a row; the last good checkpoint is left as it was."""
+
+
+class StopRequest:
+    """SIGTERM (Slurm's requeue or time limit, torchrun forwarding it, a user's kill) asks the loop to
+    save a checkpoint after the current step and return, instead of losing the steps since the last one."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        # Python delivers signals to the main thread only; a loop run from another thread keeps the default.
+        in_main = threading.current_thread() is threading.main_thread()
+        self._previous = signal.signal(signal.SIGTERM, self._handle) if in_main else None
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("SIGTERM: finishing this step, saving a checkpoint, then stopping")
+        self.requested = True
+
+    def agreed(self, device: torch.device, world: int) -> bool:
+        """True on every rank when any rank was signalled, so all of them save the same step."""
+        if world == 1:
+            return self.requested
+        flag = torch.tensor([int(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 # --- set-up ---------------------------------------------------------------------------------
@@ -274,6 +303,7 @@ def run_pretrain(recipe: Recipe) -> dict:
     if step >= p.steps:
         log.info("%s: already trained for %d steps (pretrain.steps); raise it to train further", run_dir, step)
     model.train()
+    stop = StopRequest()
     while step < p.steps:
         t0 = time.perf_counter()
         lr = p.optimizer.lr * schedule(step)
@@ -327,7 +357,13 @@ def run_pretrain(recipe: Recipe) -> dict:
             metrics.log({"step": step, **{f"{quick_task}/{k}": v for k, v in scores.items()}},
                         f"step {step} | {quick_task} " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
             last.update({f"{quick_task}/{k}": v for k, v in scores.items()})
-        if bad_in_row == 0 and (step % p.checkpoint.every == 0 or step == p.steps):
+        stopping = stop.agreed(device, dinfo.world)
+        if bad_in_row == 0 and (step % p.checkpoint.every == 0 or step == p.steps or stopping):
             checkpoint(step)
+        if stopping:
+            log.warning("stopped by SIGTERM at step %d; run `zagreus pretrain` again to resume from its checkpoint", step)
+            last["stopped_by_signal"] = True
+            break
+    stop.close()
     metrics.close()
     return last
