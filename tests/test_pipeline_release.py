@@ -5,6 +5,7 @@ numbers the run recorded."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -98,3 +99,25 @@ def test_run_end_to_end_and_release(tmp_path):
     rendered = AutoTokenizer.from_pretrained(run_dir / "release").apply_chat_template(
         [{"role": "user", "content": "ciao"}], add_generation_prompt=True, tokenize=False)
     assert rendered.endswith("<|im_start|>assistant\n")
+
+
+def test_failed_upload_is_one_line_and_keeps_the_folder(tmp_path):
+    from zagreus.model import Transformer, resolve_model_config
+    from zagreus.model.hf import save_hf
+    from zagreus.tokenizer import train_bpe
+
+    tok = train_bpe([" ".join(WORDS)] * 20, 300, tmp_path / "tok")
+    model = Transformer(resolve_model_config("tiny", vocab_size=tok.vocab_size, n_layers=1))
+    model.init_weights(0)
+    save_hf(model, tok, tmp_path / "export")
+    out = tmp_path / "release"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "zagreus.cli", "release", str(tmp_path / "export"), "--out", str(out),
+                             "--push", "someone/model"], capture_output=True, text=True, env=env)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "upload to someone/model failed" in errors[0] and str(out) in errors[0]
+    assert "Traceback" not in result.stderr
+    card = (out / "README.md").read_text()
+    assert "| parameters | " in card and f"{model.cfg.param_counts()['total']:,}" in card
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
