@@ -207,13 +207,7 @@ def _register_stage_commands() -> None:
 
     for module in ("zagreus.data.commands", "zagreus.train.commands", "zagreus.eval.commands",
                    "zagreus.post.commands", "zagreus.serve.commands", "zagreus.launch.commands"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if not module.startswith(exc.name or "?"):
-                raise
-            continue
-        mod.register(app)
+        importlib.import_module(module).register(app)
 
 
 _register_stage_commands()

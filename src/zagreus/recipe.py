@@ -295,21 +295,23 @@ def _location(loc: tuple) -> str:
     return ".".join(str(x) for x in loc if not str(x).startswith("function-after"))
 
 
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `X`, `X | None`, `list[X]` or `list[X] | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for arg in getattr(annotation, "__args__", ()) if (m := _model_in(arg)) is not None), None)
+
+
 def _expected(model: type[BaseModel], loc: tuple) -> str:
     """The keys allowed where an unknown key was found, for the error line."""
     current: type[BaseModel] | None = model
     for part in loc[:-1]:
-        if current is None or isinstance(part, int):
+        if isinstance(part, int):  # an index into a list of models
             continue
-        field = current.model_fields.get(str(part))
+        field = current.model_fields.get(str(part)) if current is not None else None
         if field is None:
             return ""
-        ann = field.annotation
-        current = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if current is None:
-            for arg in getattr(ann, "__args__", ()):
-                inner = next((a for a in getattr(arg, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-                current = current or inner
+        current = _model_in(field.annotation)
     if current is None:
         return ""
     keys = list(current.model_fields)
@@ -319,7 +321,9 @@ def _expected(model: type[BaseModel], loc: tuple) -> str:
 
 
 def format_validation_error(path: Path, exc: ValidationError, model: type[BaseModel] = Recipe) -> str:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    # A misspelt key also shows up as a missing one; the unknown key carries the "did you mean".
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     where = _location(err["loc"]) or "(top level)"
     more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
     if err["type"] == "extra_forbidden":
