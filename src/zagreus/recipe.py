@@ -314,7 +314,7 @@ def _expected(model: type[BaseModel], loc: tuple) -> str:
         current = _model_in(field.annotation)
     if current is None:
         return ""
-    keys = list(current.model_fields)
+    keys = [k for k, f in current.model_fields.items() if not f.exclude]
     close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return f"{hint}allowed keys: {', '.join(keys)}"
@@ -365,6 +365,8 @@ def load_recipe(path: str | Path, check_inputs: bool = True) -> Recipe:
         raise UserError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a YAML mapping with at least 'name:'")
+    if "source_path" in raw:
+        raise UserError(f"{path}: unknown key 'source_path'; it is set from where the recipe file is, remove it")
     try:
         recipe = Recipe(**raw)
     except ValidationError as exc:
