@@ -42,10 +42,7 @@ def stage_commands(recipe: Recipe, recipe_path: Path) -> list[tuple[str, list[st
         commands.append(("sft", ["sft", path]))
     if recipe.dpo is not None:
         commands.append(("dpo", ["dpo", path]))
-    # Release the last model the recipe makes: DPO's, else SFT's, else the latest pretraining checkpoint.
-    last_post = "dpo" if recipe.dpo is not None else "sft" if recipe.sft is not None else None
-    final = str(recipe.run_path() / last_post / "export") if last_post else run_dir
-    commands.append(("release", ["release", final, "--out", str(recipe.run_path() / "release")]))
+    commands.append(("release", ["release", run_dir]))
     return commands
 
 
@@ -56,6 +53,9 @@ def run_pipeline(recipe: Recipe, recipe_path: Path, first: str | None = None, la
     lo = STAGES.index(first) if first else 0
     hi = STAGES.index(last) if last else len(STAGES) - 1
     selected = [(s, a) for s, a in stage_commands(recipe, recipe_path) if lo <= STAGES.index(s) <= hi]
+    if not selected:
+        raise UserError(f"no stage of {recipe_path} lies between {first or STAGES[0]} and {last or STAGES[-1]}; "
+                        f"its stages are {', '.join(s for s, _ in stage_commands(recipe, recipe_path))}")
     for i, (stage, args) in enumerate(selected, 1):
         log.info("[%d/%d] stage %s: zagreus %s", i, len(selected), stage, " ".join(args))
         start = time.time()

@@ -144,7 +144,7 @@ class ModelSection(Strict):
 
 # --- pretraining ----------------------------------------------------------------------------
 class OptimizerSection(Strict):
-    lr: float = 3e-3
+    lr: float = Field(3e-3, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.01
@@ -179,17 +179,17 @@ class CheckpointSection(Strict):
 
 
 class PretrainSection(Strict):
-    seq_len: int = 4096
-    micro_batch: int = 4
+    seq_len: int = Field(4096, ge=2)
+    micro_batch: int = Field(4, ge=1)
     tokens_per_step: int | None = Field(None, description="global batch in tokens; sets gradient accumulation")
-    steps: int = 800_000
+    steps: int = Field(800_000, ge=1)
     seed: int = 0
     optimizer: OptimizerSection = OptimizerSection()
     schedule: ScheduleSection = ScheduleSection()
     parallel: ParallelSection = ParallelSection()
     checkpoint: CheckpointSection = CheckpointSection()
-    log_every: int = 10
-    eval_every: int = 1000
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(1000, ge=1)
     eval_batches: int = 20
     compile: bool = False
     activation_checkpointing: bool = False
@@ -246,7 +246,7 @@ class SFTSection(Strict):
     seed: int = 0
     optimizer: OptimizerSection = OptimizerSection(lr=1e-3)
     schedule: ScheduleSection = ScheduleSection(kind="cosine", warmup=100)
-    log_every: int = 10
+    log_every: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -262,13 +262,13 @@ class DPOSection(Strict):
     seed: int = 0
     optimizer: OptimizerSection = OptimizerSection(lr=5e-7, weight_decay=0.0)
     schedule: ScheduleSection = ScheduleSection(kind="cosine", warmup=10)
-    log_every: int = 10
+    log_every: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 # --- the recipe -----------------------------------------------------------------------------
 class Recipe(Strict):
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="names the run directory runs/<name>")
     run_dir: str | None = Field(None, description="default runs/<name> under the current directory")
     tokenizer: TokenizerSection = TokenizerSection()
     data: DataSection | None = None

@@ -43,7 +43,8 @@ def _format_tokens(n: float) -> str:
     return str(int(n))
 
 
-def build_model_card(export_dir: Path, run_dir: Path | None, repo_id: str | None = None) -> str:
+def build_model_card(export_dir: Path, run_dir: Path | None, repo_id: str | None = None,
+                     post_stage: str | None = None) -> str:
     config = json.loads((export_dir / "config.json").read_text())
     recipe: dict = {}
     if run_dir is not None and (run_dir / "recipe.yaml").is_file():
@@ -76,7 +77,7 @@ def build_model_card(export_dir: Path, run_dir: Path | None, repo_id: str | None
               f"| tied embeddings | {'yes' if cfg.tie_embeddings else 'no'} |", ""]
 
     lines += _training_section(run_dir, recipe)
-    lines += _post_training_section(run_dir)
+    lines += _post_training_section(run_dir, post_stage)
     lines += _data_section(run_dir)
     lines += _eval_section(run_dir)
     chat = json.loads((export_dir / "tokenizer_config.json").read_text()).get("chat_template") if (export_dir / "tokenizer_config.json").is_file() else None
@@ -127,12 +128,12 @@ def _training_section(run_dir: Path | None, recipe: dict) -> list[str]:
     return out + [""]
 
 
-def _post_training_section(run_dir: Path | None) -> list[str]:
-    """What `zagreus sft` / `zagreus dpo` recorded in their summary.json, as written."""
-    if run_dir is None:
+def _post_training_section(run_dir: Path | None, post_stage: str | None) -> list[str]:
+    """What `zagreus sft` / `zagreus dpo` recorded in their summary.json, for the stages the model went through."""
+    if run_dir is None or post_stage is None:
         return []
     out = []
-    for stage in ("sft", "dpo"):
+    for stage in ("sft", "dpo")[: 1 + (post_stage == "dpo")]:
         summary = run_dir / stage / "summary.json"
         if summary.is_file():
             facts = json.loads(summary.read_text())
@@ -174,25 +175,43 @@ def release(source: Path, out: Path | None = None, push: str | None = None, priv
     from zagreus.model.loading import load_model_and_tokenizer
 
     source = Path(source)
-    is_export = (source / "config.json").is_file()
     # The run directory this model came from (runs/<name>/, holding checkpoints/ or data/), if any.
     run_dir = next((p for p in [source, *source.resolve().parents]
                     if (p / "checkpoints").is_dir() or (p / "data" / "manifest.json").is_file()), None)
+    if run_dir is not None and source.resolve() == run_dir.resolve():
+        source = _final_model(run_dir)
+    # Which post-training stage made the released model, so the card claims only what was done to it.
+    post_stage = next((st for st in ("dpo", "sft") if run_dir is not None
+                       and source.resolve().is_relative_to((run_dir / st).resolve())), None)
     out = Path(out) if out is not None else (run_dir or source.parent) / "release"
-    if is_export:
+    if (source / "config.json").is_file():
         if out.resolve() != source.resolve():
             shutil.copytree(source, out, dirs_exist_ok=True)
     else:
         model, tokenizer = load_model_and_tokenizer(source)
         save_hf(model, tokenizer, out)
-    (out / "README.md").write_text(build_model_card(out, run_dir, push), encoding="utf-8")
-    log.info("release folder %s written", out)
+    local_card = build_model_card(out, run_dir, None, post_stage)
+    (out / "README.md").write_text(build_model_card(out, run_dir, push, post_stage) if push else local_card, encoding="utf-8")
+    log.info("release folder %s written from %s", out, source)
     if push:
-        _push(out, push, private)
+        try:
+            _push(out, push, private)
+        except UserError:
+            (out / "README.md").write_text(local_card, encoding="utf-8")  # the card names no repo it is not in
+            raise
     return out
 
 
+def _final_model(run_dir: Path) -> Path:
+    """The last model a run made: DPO's export, else SFT's, else the latest pretraining checkpoint."""
+    for stage in ("dpo", "sft"):
+        if (run_dir / stage / "summary.json").is_file() and (run_dir / stage / "export" / "config.json").is_file():
+            return run_dir / stage / "export"
+    return run_dir
+
+
 def _push(folder: Path, repo_id: str, private: bool) -> None:
+    import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -200,6 +219,6 @@ def _push(folder: Path, repo_id: str, private: bool) -> None:
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=f"zagreus {__version__} release")
-    except (HfHubHTTPError, OSError) as exc:
+    except (HfHubHTTPError, OSError, httpx.HTTPError) as exc:
         raise UserError(f"upload to {repo_id} failed: {exc}; check `huggingface-cli login` and the network, "
                         f"the folder {folder} is complete and can be uploaded later") from None

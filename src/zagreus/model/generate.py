@@ -45,6 +45,7 @@ def pick_token(logits: torch.Tensor, seen: list[int], p: SamplingParams, gen: to
         probs = sorted_logits.softmax(-1)
         # Drop tokens once the mass before them already reaches top_p (the first one always stays).
         drop = probs.cumsum(-1) - probs >= p.top_p
+        drop[0] = False  # top_p 0 is the greedy limit, not an empty set
         logits[order[drop]] = float("-inf")
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=gen))

@@ -4,6 +4,7 @@ files, generation_config.json) so transformers loads it with no custom code, and
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -108,6 +109,10 @@ def save_hf(model: Transformer, tokenizer, out_dir: Path, chat_template: str | N
     tensors = {k: v.to(dtype) for k, v in hf_state_dict(model).items()}
     # One metadata key only: safetensors writes a map's keys in no fixed order.
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (mode 0600); give it the usual umask mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out_dir / "model.safetensors", 0o666 & ~umask)
     tokenizer.save(out_dir, chat_template=chat_template, model_max_length=cfg.max_seq_len)
     return out_dir
 

@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
              temperature: float = typer.Option(0.7, min=0.0, help="0 means greedy"),
              top_k: int = typer.Option(0, min=0, help="keep the k most likely tokens (0: all)"),
              top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="nucleus sampling mass"),
-             repetition_penalty: float = typer.Option(1.0, min=0.0, help="CTRL-style penalty on seen tokens (1: off)"),
+             repetition_penalty: float = typer.Option(1.0, min=0.01, help="CTRL-style penalty on seen tokens (1: off)"),
              max_tokens: int = typer.Option(512, min=1, help="most tokens per reply (clipped to the context)"),
              seed: Optional[int] = typer.Option(None, help="sampling seed"),
              device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
