@@ -95,6 +95,8 @@ def test_run_end_to_end_and_release(tmp_path):
     train = manifest["sources"]["docs"]["train"]
     assert f"| docs | docs.jsonl | 1.0 | {train['docs']:,} | {train['tokens']:,} |" in card
     assert "- SFT: " in card and "- DPO: " in card
+    # Releasing the run directory ships the last model it made: DPO's.
+    assert (run_dir / "release" / "model.safetensors").read_bytes() == (run_dir / "dpo" / "export" / "model.safetensors").read_bytes()
     # The released model is DPO's, with the chat template, so apply_chat_template works from the hub folder.
     rendered = AutoTokenizer.from_pretrained(run_dir / "release").apply_chat_template(
         [{"role": "user", "content": "ciao"}], add_generation_prompt=True, tokenize=False)

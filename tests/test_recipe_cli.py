@@ -42,6 +42,9 @@ def test_typo_in_key_is_one_line(tmp_path):
         ("name: x\nmodel: {preset: zagreus-9b}\n", "unknown model preset 'zagreus-9b'"),
         ("name: [unclosed\n", "not valid YAML at line"),
         ("name: x\ndata:\n  sources:\n    - {name: a, hub: some/dataset, path: x.jsonl}\n", "exactly one of hub"),
+        ("name: x\npretrain: {steps: -5}\n", "key 'pretrain.steps': Input should be greater than or equal to 1"),
+        ("name: ../../etc\n", "key 'name': String should match pattern"),
+        ("nme: x\n", "unknown key 'nme'; did you mean 'name'?"),
     ],
 )
 def test_bad_recipes(tmp_path, body, expected):
@@ -75,3 +78,11 @@ def test_model_info_counts():
     # 6 x (non-embedding matmul weights + tied output head) + 12 x layers x width x seq.
     matmul = 314_635_200 - 65 * 960 + 128256 * 960
     assert info["flops_per_token"] == 6 * matmul + 12 * 32 * 960 * 4096
+
+
+def test_usage_errors_are_one_message_without_traceback():
+    result = zagreus("no-such-verb")
+    assert result.returncode == 2
+    assert "No such command 'no-such-verb'" in result.stderr and "Traceback" not in result.stderr
+    result = zagreus("model", "info", "tiny", "--bogus")
+    assert result.returncode == 2 and "No such option" in result.stderr and "Traceback" not in result.stderr
