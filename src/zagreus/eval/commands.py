@@ -33,9 +33,9 @@ def eval_command(
     model: Path = typer.Argument(..., help="export folder, checkpoint folder or run directory"),
     tasks: Optional[str] = typer.Option(None, help="comma-separated lm-eval tasks, e.g. zagreus_arc_it,arc_it "
                                         "(default: the run's recipe eval.tasks)"),
-    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="few-shot examples for every task"),
-    limit: Optional[float] = typer.Option(None, help="items per task (a fraction if below 1)"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="batch size (x256 tokens per forward)"),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", min=0, help="few-shot examples for every task"),
+    limit: Optional[float] = typer.Option(None, min=0.0001, help="items per task (a fraction if below 1)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="batch size (x256 tokens per forward)"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="folder with the files of the zagreus_* tasks"),
     out: Optional[Path] = typer.Option(None, help="results JSON (default: print it)"),
     every_checkpoint: bool = typer.Option(False, "--every-checkpoint",
