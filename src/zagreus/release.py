@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from zagreus import __version__
+from zagreus.data.shards import human
 from zagreus.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -34,13 +35,6 @@ def _languages(recipe: dict) -> list[str]:
         if code and code not in found:
             found.append(code)
     return found
-
-
-def _format_tokens(n: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(int(n))
 
 
 def build_model_card(export_dir: Path, run_dir: Path | None, repo_id: str | None = None,
@@ -113,10 +107,10 @@ def _training_section(run_dir: Path | None, recipe: dict) -> list[str]:
     out = ["## Training", ""]
     if meta:
         tokens = meta.get("tokens")
-        out.append(f"- steps: {meta.get('step'):,}" + (f", tokens seen: {_format_tokens(tokens)}" if tokens else ""))
+        out.append(f"- steps: {meta.get('step'):,}" + (f", tokens seen: {human(tokens)}" if tokens else ""))
         per_source = meta.get("tokens_per_source") or {}
         if per_source:
-            out.append("- tokens per source: " + ", ".join(f"{k} {_format_tokens(v)}" for k, v in per_source.items()))
+            out.append("- tokens per source: " + ", ".join(f"{k} {human(v)}" for k, v in per_source.items()))
         version = meta.get("code_version") or {}
         if version:
             out.append(f"- code: zagreus {version.get('zagreus')}, torch {version.get('torch')}"
