@@ -24,7 +24,8 @@ import torch
 
 from zagreus.model.config import ModelConfig, resolve_model_config
 from zagreus.recipe import OptimizerSection
-from zagreus.train.loop import build_model, compute_loss
+from zagreus.model.llama import build_model
+from zagreus.train.loop import compute_loss
 from zagreus.train.optim import build_optimizer
 from zagreus.train.parallel import ParallelDims, parallelize
 

@@ -115,7 +115,7 @@ def summary(label: str, results: list[dict], wall: float) -> dict:
 def zagreus_side(export: Path, prompts: list[str], max_tokens: int) -> tuple[list[dict], float]:
     """Our generate_stream in-process, one request at a time: the model's speed without HTTP."""
     from zagreus.model.generate import SamplingParams, generate
-    from zagreus.model.loading import load_model_and_tokenizer
+    from zagreus.checkpoint import load_model_and_tokenizer
     from zagreus.post.chat import render, stop_token_ids
 
     model, tok = load_model_and_tokenizer(export)

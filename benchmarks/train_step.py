@@ -44,7 +44,8 @@ def make_step(side: str, vocab: int):
     """A closure running one training step of `side` on the shared batch; returns the loss."""
     import torch
 
-    from zagreus.train.loop import build_model, compute_loss
+    from zagreus.model.llama import build_model
+    from zagreus.train.loop import compute_loss
 
     cfg = _config(vocab)
     window = _batch(vocab)

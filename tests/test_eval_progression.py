@@ -31,7 +31,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 def save_checkpoint(run_dir: Path, step: int, tokenizer_dir: Path, seed: int) -> Path:
     """A real pretraining checkpoint (DCP + meta.json) of the test model, tokenizer in the run dir."""
     from zagreus.model.hf import load_hf
-    from zagreus.train.checkpoint import save_checkpoint as save
+    from zagreus.checkpoint import save_checkpoint as save
 
     export = build_export(run_dir / "exports" / f"step-{step}", tokenizer_dir, seed=seed)
     if not (run_dir / "tokenizer").is_dir():

@@ -108,14 +108,14 @@ def metrics(run: Path) -> dict[int, dict]:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    from zagreus.train.checkpoint import load_checkpoint_model
+    from zagreus.checkpoint import load_checkpoint_model
 
     model, _ = load_checkpoint_model(run)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def meta(run: Path) -> dict:
-    from zagreus.train.checkpoint import latest_checkpoint, read_meta
+    from zagreus.rundir import latest_checkpoint, read_meta
 
     return read_meta(latest_checkpoint(run))
 
@@ -189,7 +189,7 @@ def test_checkpoint_reshards_and_exports(data_dir, references, tmp_path) -> None
     # Export the tp=2 checkpoint: transformers' logits equal the single-process model's.
     from transformers import AutoModelForCausalLM
 
-    from zagreus.train.checkpoint import load_checkpoint_model
+    from zagreus.checkpoint import load_checkpoint_model
 
     out = tmp_path / "export"
     done = subprocess.run([sys.executable, "-m", "zagreus.cli", "export", str(as_tp), "--out", str(out)],

@@ -159,7 +159,7 @@ def test_sft_run_learns_answers_and_counts_skips(tok, init_export, tmp_path, cap
     import pyarrow.parquet as pq
 
     from zagreus.model.generate import SamplingParams, generate
-    from zagreus.model.loading import load_model_and_tokenizer
+    from zagreus.checkpoint import load_model_and_tokenizer
     from zagreus.post.sft import run_sft
     from zagreus.recipe import load_recipe
 
@@ -201,7 +201,7 @@ def test_sft_run_learns_answers_and_counts_skips(tok, init_export, tmp_path, cap
 
 
 def test_dpo_run_logs_rewards_and_uses_reference_once(tok, init_export, tmp_path):
-    from zagreus.model.loading import load_model_and_tokenizer
+    from zagreus.checkpoint import load_model_and_tokenizer
     from zagreus.post.dpo import run_dpo
     from zagreus.recipe import load_recipe
 
@@ -290,7 +290,7 @@ def test_sft_starts_from_the_runs_latest_checkpoint_by_default(tok, tmp_path):
     from zagreus.model.hf import load_hf
     from zagreus.post.sft import run_sft
     from zagreus.recipe import load_recipe
-    from zagreus.train.checkpoint import save_checkpoint
+    from zagreus.checkpoint import save_checkpoint
 
     base = _model(tok, seed=7)
     run_dir = tmp_path / "run"

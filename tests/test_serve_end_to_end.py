@@ -93,7 +93,7 @@ def export_dir(tmp_path_factory, one_thread) -> Path:
 def reference(export_dir):
     """Greedy replies computed directly with zagreus.model.generate on a separately loaded copy."""
     from zagreus.model.generate import SamplingParams, generate
-    from zagreus.model.loading import load_model_and_tokenizer
+    from zagreus.checkpoint import load_model_and_tokenizer
     from zagreus.post.chat import render, stop_token_ids
 
     model, tok = load_model_and_tokenizer(export_dir)
@@ -483,7 +483,7 @@ def test_batched_decode_matches_solo(export_dir, reference, max_active):
     import dataclasses
 
     from zagreus.model.generate import SamplingParams, generate
-    from zagreus.model.loading import load_model_and_tokenizer
+    from zagreus.checkpoint import load_model_and_tokenizer
     from zagreus.post.chat import stop_token_ids
     from zagreus.serve.engine import Scheduler
 

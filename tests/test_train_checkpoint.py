@@ -9,8 +9,9 @@ import torch
 
 from zagreus.model.config import resolve_model_config
 from zagreus.recipe import OptimizerSection
-from zagreus.train.checkpoint import list_checkpoints, load_checkpoint, load_checkpoint_model, save_checkpoint
-from zagreus.train.loop import build_model
+from zagreus.checkpoint import load_checkpoint, load_checkpoint_model, save_checkpoint
+from zagreus.rundir import list_checkpoints
+from zagreus.model.llama import build_model
 from zagreus.train.optim import build_optimizer
 
 CFG = resolve_model_config("tiny", n_layers=2, vocab_size=512, hidden_size=64, intermediate_size=128)
@@ -68,9 +69,9 @@ def test_crash_during_save_keeps_previous(tmp_path):
     before = {p.name: p.read_bytes() for p in (root / "step-000005").iterdir()}
     script = textwrap.dedent(f"""
         import os, torch, torch.distributed.checkpoint as dcp
-        from zagreus.train import checkpoint
+        from zagreus import checkpoint
         from zagreus.model.config import ModelConfig
-        from zagreus.train.loop import build_model
+        from zagreus.model.llama import build_model
         from zagreus.train.optim import build_optimizer
         from zagreus.recipe import OptimizerSection
         model = build_model(ModelConfig(**{CFG.model_dump()!r}), seed=9)

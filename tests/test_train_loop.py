@@ -116,7 +116,7 @@ def test_exact_resume_after_sigkill(tmp_path):
             break
         time.sleep(0.002)
     assert proc.wait() == -signal.SIGKILL, f"the run ended before step {target}"
-    from zagreus.train.checkpoint import list_checkpoints
+    from zagreus.rundir import list_checkpoints
 
     saved = [s for s, _ in list_checkpoints(run)]
     assert saved and 5 <= saved[-1] < 40, saved
@@ -149,7 +149,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, one_thread
 
     from zagreus.recipe import load_recipe
     from zagreus.train import loop
-    from zagreus.train.checkpoint import list_checkpoints
+    from zagreus.rundir import list_checkpoints
 
     recipe = make_run(tmp_path, steps=20, max_bad_steps=3, checkpoint={"every": 1, "keep": 50})
     real_loss = loop.compute_loss
@@ -179,7 +179,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, one_thread
     assert steps == [1, 2, 3, 4, 7, 8, 9]
     meta = json.loads((run / "checkpoints" / "step-000009" / "meta.json").read_text())
     assert meta["skipped_steps"] == 2
-    from zagreus.train.checkpoint import load_checkpoint_model
+    from zagreus.checkpoint import load_checkpoint_model
 
     model, _ = load_checkpoint_model(run)
     assert torch.equal(model.layers["0"].mlp.up_proj.weight, calls[9])
@@ -244,7 +244,7 @@ def test_quick_eval_during_pretraining(tmp_path):
     """eval.quick_task scores the model at every eval interval, equal to scoring the saved checkpoint
     afterwards, and leaves the training losses bitwise as they are without it."""
     from zagreus.eval.run import quick_mc_eval
-    from zagreus.train.checkpoint import load_checkpoint_model
+    from zagreus.checkpoint import load_checkpoint_model
 
     overrides = dict(steps=6, eval_every=3, checkpoint={"every": 3, "keep": 2})
     plain = make_run(tmp_path / "plain", **overrides)
@@ -287,7 +287,7 @@ def test_sigterm_saves_a_checkpoint_and_resumes_exactly(tmp_path):
         time.sleep(0.002)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
-    from zagreus.train.checkpoint import list_checkpoints
+    from zagreus.rundir import list_checkpoints
 
     saved = [s for s, _ in list_checkpoints(run)]
     assert len(saved) == 1 and 5 <= saved[0] < 30, saved

@@ -161,7 +161,7 @@ def export(checkpoint: Path = typer.Argument(..., help="checkpoint folder, run d
     import torch
 
     from zagreus.model.hf import save_hf
-    from zagreus.model.loading import load_model_and_tokenizer
+    from zagreus.checkpoint import load_model_and_tokenizer
 
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"--dtype {dtype}: choose float32 or bfloat16")
@@ -185,7 +185,7 @@ def release_cmd(source: Path = typer.Argument(..., help="run directory, checkpoi
 
 
 def _default_export_dir(source: Path) -> Path:
-    from zagreus.train.checkpoint import resolve_checkpoint
+    from zagreus.rundir import resolve_checkpoint
 
     if (source / "config.json").is_file():
         raise UserError(f"{source} is already an export folder; pass --out to copy it elsewhere")

@@ -93,7 +93,7 @@ def build_model_card(export_dir: Path, run_dir: Path | None, repo_id: str | None
 def _latest_meta(run_dir: Path | None) -> dict:
     if run_dir is None:
         return {}
-    from zagreus.train.checkpoint import latest_checkpoint, read_meta
+    from zagreus.rundir import latest_checkpoint, read_meta
 
     latest = latest_checkpoint(run_dir)
     return read_meta(latest) if latest is not None else {}
@@ -166,7 +166,7 @@ def _eval_section(run_dir: Path | None) -> list[str]:
 def release(source: Path, out: Path | None = None, push: str | None = None, private: bool = False) -> Path:
     """Export `source` (run directory, checkpoint or export folder) into `out` with a model card."""
     from zagreus.model.hf import save_hf
-    from zagreus.model.loading import load_model_and_tokenizer
+    from zagreus.checkpoint import load_model_and_tokenizer
 
     source = Path(source)
     # The run directory this model came from (runs/<name>/, holding checkpoints/ or data/), if any.

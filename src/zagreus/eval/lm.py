@@ -37,7 +37,7 @@ class ZagreusLM(TemplateLM):
                  **kwargs) -> None:
         super().__init__()
         if model is None:
-            from zagreus.model.loading import load_model_and_tokenizer
+            from zagreus.checkpoint import load_model_and_tokenizer
 
             if pretrained is None:
                 raise ValueError("pass pretrained=PATH (export, checkpoint or run folder) or model= and tokenizer=")

@@ -25,7 +25,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, folder) of the run's complete checkpoints, by step; UserError when there are none."""
-    from zagreus.train.checkpoint import list_checkpoints as complete_checkpoints
+    from zagreus.rundir import list_checkpoints as complete_checkpoints
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from zagreus import __version__
 from zagreus.errors import UserError
 from zagreus.model.config import ModelConfig, RopeScaling
-from zagreus.model.llama import Transformer, rope_frequencies
+from zagreus.model.llama import Transformer, build_model
 
 
 def to_llama_config(cfg: ModelConfig) -> dict:
@@ -136,14 +136,8 @@ def load_hf(folder: Path, device: str | torch.device = "cpu") -> Transformer:
     if cfg.tie_embeddings:
         ours.pop("lm_head.weight", None)
         ours["lm_head.weight"] = ours["embed_tokens.weight"]
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device=device)
+    model = build_model(cfg, device=device, seed=None)
     missing, unexpected = model.load_state_dict(ours, strict=False)
     if missing or unexpected:
         raise UserError(f"{folder}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    # to_empty() left the RoPE buffer uninitialised.
-    model.inv_freq = rope_frequencies(cfg).to(device)
     return model

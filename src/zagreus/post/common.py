@@ -59,19 +59,13 @@ def autocast(device: torch.device):
 
 def open_init(init: str | None, recipe, default: Path, what: str, device: torch.device):
     """(model, tokenizer) from `init` (resolved against the recipe) or the default location."""
-    from zagreus.model.loading import load_model_and_tokenizer
+    from zagreus.checkpoint import load_model_and_tokenizer
 
     path = recipe.resolve_path(init) if init else default
     if not path.exists():
         hint = f"set {what}.init to a checkpoint or export folder" if init is None else "fix the path"
         raise UserError(f"{what}: starting model {path} does not exist; {hint}")
-    try:
-        model, tok = load_model_and_tokenizer(path, device=str(device))
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("zagreus.train"):
-            raise UserError(f"{path}: reading training checkpoints needs zagreus.train.checkpoint, which is missing; "
-                            f"set {what}.init to an export folder (zagreus export)") from None
-        raise
+    model, tok = load_model_and_tokenizer(path, device=str(device))
     if tok.vocab_size > model.cfg.vocab_size:
         raise UserError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
     log.info("%s: starting from %s (%s parameters)", what, path, f"{sum(p.numel() for p in model.parameters()):,}")

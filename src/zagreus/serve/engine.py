@@ -494,7 +494,7 @@ def template_of(folder: Path, explicit: str | None) -> str:
 
 def open_engine(path: str | Path, template: str | None = None, name: str | None = None, device: str = "cpu",
                 max_active: int = 16, batch: bool = False) -> Engine:
-    from zagreus.model.loading import load_model_and_tokenizer
+    from zagreus.checkpoint import load_model_and_tokenizer
 
     path = Path(path)
     if not path.exists():

@@ -33,10 +33,11 @@ from zagreus.data.loader import TokenLoader
 from zagreus.devices import pick_device
 from zagreus.errors import UserError
 from zagreus.model.config import ModelConfig
-from zagreus.model.llama import Transformer, rope_frequencies
+from zagreus.model.llama import build_model
 from zagreus.recipe import PretrainSection, Recipe, dump_recipe
 from zagreus.tokenizer import load_tokenizer
-from zagreus.train.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
+from zagreus.checkpoint import load_checkpoint, save_checkpoint
+from zagreus.rundir import latest_checkpoint, step_name
 from zagreus.train.losses import chunked_cross_entropy
 from zagreus.train.metrics import MetricsLogger, bits_per_byte, measure_matmul_peak, text_bytes
 from zagreus.train.optim import build_optimizer, lr_multiplier
@@ -96,24 +97,6 @@ def init_distributed(device_type: str) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> Transformer:
-    """Create the model on the meta device (no memory, no init work), then materialise and initialise it.
-
-    Parallel wrappers can shard the meta model before materialising; here it is materialised
-    at once. seed None leaves the weights uninitialised (a checkpoint will overwrite them).
-    """
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device=device)
-    if cfg.tie_embeddings:  # to_empty gives each module its own parameter; tie them again
-        model.lm_head.weight = model.embed_tokens.weight
-    with torch.no_grad():
-        model.inv_freq.copy_(rope_frequencies(cfg))  # a non-persistent buffer: no checkpoint restores it
-    if seed is not None:
-        model.init_weights(seed)
-    return model
 
 
 def grad_accumulation(p: PretrainSection, dp_world: int) -> int:
@@ -287,7 +270,7 @@ def run_pretrain(recipe: Recipe) -> dict:
         tokens = loader.tokens_per_source()
         meta = {"tokens": sum(tokens.values()), "tokens_per_source": tokens, "loader": loader.state_dict(),
                 "skipped_steps": skipped_total, "model_config": cfg.model_dump(mode="json"),
-                "tokenizer_dir": os.path.relpath(tokenizer_dir, ckpt_root / checkpoint_name(at)),
+                "tokenizer_dir": os.path.relpath(tokenizer_dir, ckpt_root / step_name(at)),
                 "recipe": recipe.model_dump(mode="json", exclude={"source_path"})}
         save_checkpoint(ckpt_root, at, model, optimizer, meta, keep=p.checkpoint.keep, rank_state=rank_state)
 

@@ -1,4 +1,6 @@
-"""Training checkpoints: torch.distributed.checkpoint folders with a meta.json, kept atomically.
+"""Checkpoints: saving and loading training state, and opening any saved model for use.
+
+Training checkpoints are torch.distributed.checkpoint folders with a meta.json, kept atomically.
 
 A checkpoint is `<root>/step-000100/`: DCP files holding {"model", "optim"} (built with
 torch.distributed.checkpoint.state_dict, so the same code saves a plain model, FSDP2 or TP
@@ -6,7 +8,11 @@ DTensors, and loads under another layout), one `rank-N.pt` per rank with its RNG
 meta.json (step, tokens seen in total and per source, data-loader state, recipe, model config,
 tokenizer folder, code version). Everything is written under `.tmp-step-000100` and renamed;
 meta.json is written last inside it, so a folder named step-N with a meta.json is complete and
-a crash during a save never touches the checkpoints already there.
+a crash during a save never touches the checkpoints already there. Where checkpoints sit in a
+run directory is zagreus.rundir's business.
+
+`load_model_and_tokenizer(path)` opens an export folder, a checkpoint or a run directory's latest
+checkpoint: what eval, serve, release and post-training start from. It lives below all of them.
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ import functools
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import warnings
@@ -35,16 +40,13 @@ from torch.distributed.checkpoint.state_dict import (
 
 import zagreus
 from zagreus.errors import UserError
+from zagreus.model.config import ModelConfig
+from zagreus.model.hf import load_hf
+from zagreus.model.llama import Transformer, build_model
+from zagreus.rundir import META, is_checkpoint, is_export, list_checkpoints, read_meta, resolve_checkpoint, step_name
+from zagreus.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-META = "meta.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:06d}"
-
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict:
@@ -75,32 +77,6 @@ def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
-def _checkpoints_root(path: Path) -> Path:
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
-
-
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (step, folder) of a run directory (or of its checkpoints/ folder), by step."""
-    root = _checkpoints_root(Path(run_dir))
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and (child / META).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
-
-
-def read_meta(checkpoint: str | Path) -> dict:
-    return json.loads((Path(checkpoint) / META).read_text(encoding="utf-8"))
-
-
 def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     meta: dict, keep: int | None = None, rank_state: dict | None = None) -> Path:
     """Write checkpoint `step` under `root` atomically (every rank calls this); prune to the last `keep`.
@@ -110,8 +86,8 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
     """
     root = Path(root)
     rank, _ = _rank_world()
-    final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{checkpoint_name(step)}"
+    final = root / step_name(step)
+    tmp = root / f".tmp-{step_name(step)}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a save that crashed earlier
@@ -165,7 +141,7 @@ def load_checkpoint(checkpoint: str | Path, model: nn.Module, optimizer: torch.o
     get_state_dict hands it.
     """
     checkpoint = Path(checkpoint)
-    if not (checkpoint / META).is_file():
+    if not is_checkpoint(checkpoint):
         raise UserError(f"{checkpoint}: not a complete checkpoint (no {META})")
     rank, _ = _rank_world()
     with warnings.catch_warnings():
@@ -184,18 +160,6 @@ def load_checkpoint(checkpoint: str | Path, model: nn.Module, optimizer: torch.o
     return read_meta(checkpoint), rank_state
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from itself, a checkpoints/ folder or a run directory (latest complete one)."""
-    path = Path(path)
-    if (path / META).is_file():
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise UserError(f"{path}: no complete checkpoint here (looked for checkpoints/step-N/{META}); "
-                        f"run `zagreus pretrain RECIPE` first or pass a checkpoint folder")
-    return latest
-
-
 def _find_tokenizer(checkpoint: Path, meta: dict) -> Path:
     recorded = meta.get("tokenizer_dir")
     if recorded and (checkpoint / recorded).is_dir():
@@ -207,19 +171,24 @@ def _find_tokenizer(checkpoint: Path, meta: dict) -> Path:
                     f"(meta.json tokenizer_dir={recorded!r}, and no tokenizer/ in a parent folder)")
 
 
-def load_checkpoint_model(path: str | Path, device: str = "cpu"):
+def load_checkpoint_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, Tokenizer]:
     """(Transformer, Tokenizer) from a checkpoint folder or a run directory (its latest checkpoint)."""
-    from zagreus.model.config import ModelConfig
-    from zagreus.tokenizer import load_tokenizer
-    from zagreus.train.loop import build_model
-
     checkpoint = resolve_checkpoint(path)
     meta = read_meta(checkpoint)
     if "model_config" not in meta:
         raise UserError(f"{checkpoint}/{META}: no model_config; this checkpoint was not written by zagreus")
-    cfg = ModelConfig(**meta["model_config"])
-    model = build_model(cfg, device=device, seed=None)
+    model = build_model(ModelConfig(**meta["model_config"]), device=device, seed=None)
     load_checkpoint(checkpoint, model)
     model.eval()
     tokenizer = load_tokenizer(str(_find_tokenizer(checkpoint, meta)))
     return model, tokenizer
+
+
+def load_model_and_tokenizer(path: str | Path, device: str = "cpu") -> tuple[Transformer, Tokenizer]:
+    """(Transformer, Tokenizer) from a Hugging Face export folder, a zagreus checkpoint or a run directory."""
+    path = Path(path)
+    if is_export(path):
+        return load_hf(path, device=device), load_tokenizer(str(path))
+    if is_checkpoint(path) or (path / "checkpoints").is_dir():
+        return load_checkpoint_model(path, device=device)
+    raise UserError(f"{path}: neither an export folder (config.json) nor a checkpoint (meta.json) nor a run directory")
