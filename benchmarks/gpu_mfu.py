@@ -1,6 +1,8 @@
 """Pretraining throughput on one GPU: tokens/s and MFU of zagreus beside transformers' Llama.
 
-The report trained Zagreus-0.4B at 699 tokens/s per A100, 15.4 TFLOP/s (about 5% of peak);
+The authors' Zagreus-0.4B pretraining ran at 699 tokens/s per GPU, 15.4 TFLOP/s (the training-log
+excerpt in their repository README, github.com/mii-llm/zagreus-nesso-slm, on A100s; not in the
+report's text), about 5% of an A100's 312 TFLOP/s dense bf16 (our arithmetic);
 issue 5 targets >= 45% MFU on an H100/H200. Both sides train the same shape with the same
 recipe: AdamW (fused), bf16 autocast, torch.compile, random tokens, `--steps` timed steps after
 `--warmup` untimed ones (compilation happens there). MFU = training FLOPs per token (PaLM-style,
@@ -162,7 +164,7 @@ def main() -> None:
               f"{r['tflops']:.1f} TFLOP/s, MFU {r['mfu']:.1%}{mem}")
     if "transformers" in results:
         print(f"       ratio: zagreus / transformers = {results['zagreus']['tokens_per_s'] / results['transformers']['tokens_per_s']:.2f}x")
-    print(f"      report: 699 tokens/s per A100, 15.4 TFLOP/s (about 5% of peak); target >= 45% MFU")
+    print(f"     authors: 699 tokens/s per A100, 15.4 TFLOP/s (their README's training log; ~5% of peak); target >= 45% MFU")
     print(json.dumps({"card": card, "seq": args.seq, "micro_batch": args.micro_batch, "results": results}))
 
 

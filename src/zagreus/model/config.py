@@ -32,7 +32,7 @@ class ModelConfig(BaseModel):
     rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
-    init_std: float = 0.03227
+    init_std: float = 0.03227  # init_method.std of that Nanotron config (not in the report's text)
     bos_token_id: int = 128000
     eos_token_id: int = 128001
 
@@ -74,7 +74,9 @@ class ModelConfig(BaseModel):
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # The report's model: 437,760,960 parameters.
+    # Zagreus-0.4B: the shape of the Nanotron pretraining config in the authors' repository README
+    # (github.com/mii-llm/zagreus-nesso-slm); the report's text gives no shape, only "~500 million
+    # parameters". 437,760,960 parameters as counted by param_counts().
     "zagreus-0.4b": ModelConfig(),
     "llama-3.2-1b": ModelConfig(
         hidden_size=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192,

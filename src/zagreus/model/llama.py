@@ -161,7 +161,12 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """The report's init: every matrix N(0, init_std), norms at one."""
+        """Every matrix N(0, init_std), norms at one.
+
+        The Zagreus preset's 0.03227 is init_method.std of the Nanotron config in the authors'
+        repository README (the report's text states no init). Unlike Nanotron's standard init, the
+        output projections (o_proj, down_proj) are not scaled down by sqrt(2 x layers).
+        """
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):

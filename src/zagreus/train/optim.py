@@ -1,7 +1,9 @@
 """Optimizer and learning-rate schedules shared by pretraining, SFT and DPO.
 
-AdamW with the report's settings: weight decay only on the matrices of the blocks (and an
-untied output head), never on norms and embeddings unless the recipe asks for it. The
+AdamW, the optimizer of the Nanotron config in the authors' repository README (the report's text
+names no optimizer); the recipes take its betas, eps, weight decay and clipping from there. Which
+parameters decay is our choice (that config lists no exclusions): only the matrices of the blocks
+(and an untied output head), never norms and embeddings unless the recipe asks for it. The
 schedule is a multiplier of the peak learning rate per optimizer step, for LambdaLR or a
 hand-written loop.
 """
