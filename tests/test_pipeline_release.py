@@ -1,6 +1,6 @@
-"""`zagreus run` end to end on a small recipe the test writes: data -> pretrain -> export -> sft
--> dpo -> release, then the release folder loads in transformers and its model card states the
-numbers the run recorded."""
+"""`zagreus run` end to end on a small recipe the test writes: data -> pretrain -> sft -> dpo ->
+release, then the release folder loads in transformers and its model card states the numbers the
+run recorded; `zagreus export` writes RUN_DIR/exports/step-N on demand."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from zagreus.pipeline import stage_commands
+from zagreus.launch.pipeline import stage_commands
 from zagreus.recipe import load_recipe
 
 WORDS = "il gatto dorme sul divano mentre la volpe corre nel bosco the cat sleeps on the sofa while a fox runs".split()
@@ -68,7 +68,7 @@ def test_stage_plan(tmp_path):
     _write_inputs(tmp_path)
     (tmp_path / "mini.yaml").write_text(RECIPE.format(run_dir=tmp_path / "run"))
     recipe = load_recipe(tmp_path / "mini.yaml")
-    assert [s for s, _ in stage_commands(recipe, tmp_path / "mini.yaml")] == ["data", "pretrain", "export", "sft", "dpo", "release"]
+    assert [s for s, _ in stage_commands(recipe, tmp_path / "mini.yaml")] == ["data", "pretrain", "sft", "dpo", "release"]
     post_only = recipe.model_copy(update={"data": None})
     assert [s for s, _ in stage_commands(post_only, tmp_path / "mini.yaml")] == ["sft", "dpo", "release"]
 
@@ -83,7 +83,12 @@ def test_run_end_to_end_and_release(tmp_path):
 
     meta = json.loads((run_dir / "checkpoints" / "step-000012" / "meta.json").read_text())
     assert meta["step"] == 12 and meta["tokens"] == 12 * 4 * 64
-    # The pretraining export and the release (DPO's model) both load in transformers as-is.
+    # The chain writes no exports (nothing reads them); `zagreus export RUN_DIR` writes the latest on demand.
+    assert not (run_dir / "exports").exists()
+    result = subprocess.run([sys.executable, "-m", "zagreus.cli", "export", str(run_dir)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == f"wrote {run_dir / 'exports' / 'step-000012'}"
+    # That export and the release (DPO's model) both load in transformers as-is.
     for folder in (run_dir / "exports" / "step-000012", run_dir / "release"):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder)

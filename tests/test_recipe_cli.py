@@ -86,3 +86,17 @@ def test_usage_errors_are_one_message_without_traceback():
     assert "No such command 'no-such-verb'" in result.stderr and "Traceback" not in result.stderr
     result = zagreus("model", "info", "tiny", "--bogus")
     assert result.returncode == 2 and "No such option" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_prints_the_plan(tmp_path):
+    (tmp_path / "docs.jsonl").write_text('{"text": "ciao"}\n')
+    recipe = tmp_path / "plan.yaml"
+    recipe.write_text(f"name: plan\nrun_dir: {tmp_path / 'run'}\ndata:\n  sources: [{{name: docs, path: docs.jsonl}}]\n"
+                      "model: {preset: tiny}\neval: {tasks: [zagreus_arc_it]}\n")
+    result = zagreus("check", str(recipe))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:3] == [f"recipe {recipe}: OK", f"  run directory : {tmp_path / 'run'}",
+                         "  stages        : data -> pretrain -> eval -> release"]
+    assert any(line.startswith("  model         : tiny, ") for line in lines)
+    assert "  source docs        : 100.0% of tokens from docs.jsonl" in lines

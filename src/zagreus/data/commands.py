@@ -1,7 +1,9 @@
-"""CLI verbs of the data stage: `zagreus data tokenize` and `zagreus data stats` (typer only at import)."""
+"""CLI verbs of the data stage: `zagreus data tokenize` and `zagreus data stats`."""
 
 from __future__ import annotations
 
+# Only typer, zagreus.errors and the standard library at module level, so `zagreus --help` stays
+# fast; each verb imports the code it runs.
 import json
 from pathlib import Path
 from typing import Optional
@@ -10,10 +12,7 @@ import typer
 
 from zagreus.errors import UserError
 
-data_app = typer.Typer(no_args_is_help=True, help="Data: sources, filters, dedup, mixture, tokenized shards.")
 
-
-@data_app.command("tokenize")
 def tokenize(recipe: Optional[Path] = typer.Argument(None, help="YAML recipe with a data: section"),
              input: Optional[list[str]] = typer.Option(None, "--input", help="quick form: file, folder or glob (repeatable)"),
              out: Optional[Path] = typer.Option(None, "--out", help="quick form: output folder for shards and manifest"),
@@ -31,9 +30,11 @@ def tokenize(recipe: Optional[Path] = typer.Argument(None, help="YAML recipe wit
             raise UserError("pass either a RECIPE or --input/--out (the quick form), not both")
         from zagreus.recipe import load_recipe
 
+        from zagreus.rundir import RunDir
+
         loaded = load_recipe(recipe)
         result = stage.tokenize_recipe(loaded, dry_run=dry_run, show_progress=progress)
-        out_dir = loaded.run_path() / "data"
+        out_dir = RunDir(loaded.run_path()).data
     else:
         if not input or out is None:
             raise UserError("give a RECIPE, or the quick form --input PATH_OR_GLOB... --out DIR")
@@ -52,19 +53,19 @@ def tokenize(recipe: Optional[Path] = typer.Argument(None, help="YAML recipe wit
     typer.echo(f"wrote {out_dir}: {result['totals']['train']['tokens']:,} train + {result['totals']['val']['tokens']:,} val tokens")
 
 
-@data_app.command("stats")
 def stats(folder: Path = typer.Argument(..., help="data folder (holding manifest.json) or run directory")) -> None:
     """Print a data folder's manifest as a table: documents, characters, tokens per source and split."""
-    path = folder / "manifest.json"
-    if not path.is_file() and (folder / "data" / "manifest.json").is_file():
-        path = folder / "data" / "manifest.json"
+    from zagreus.data.pipeline import MANIFEST
+    from zagreus.rundir import RunDir
+
+    path = RunDir(folder).manifest if RunDir.looks_like_run(folder) else folder / MANIFEST
     if not path.is_file():
         raise UserError(f"{folder}: no manifest.json; run `zagreus data tokenize` first (an unfinished run has none)")
     typer.echo(format_manifest(json.loads(path.read_text())))
 
 
 def format_manifest(m: dict) -> str:
-    """A fixed-width table of a manifest (also used by tests)."""
+    """A fixed-width table of a manifest."""
     head = f"{'source':<14} {'split':<5} {'weight':>7} {'docs':>10} {'chars':>14} {'tokens':>14} {'shards':>6}"
     lines = [f"tokenizer {m['tokenizer']['name']} (hash {m['tokenizer']['hash']}, vocab {m['tokenizer']['vocab_size']:,}, "
              f"{m['token_dtype']}); bos={m['policy']['add_bos']} eos={m['policy']['add_eos']}", head, "-" * len(head)]
@@ -88,4 +89,7 @@ def format_manifest(m: dict) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    app.add_typer(data_app, name="data")
+    group = typer.Typer(no_args_is_help=True, help="Data: sources, filters, dedup, mixture, tokenized shards.")
+    group.command("tokenize")(tokenize)
+    group.command("stats")(stats)
+    app.add_typer(group, name="data")

@@ -1,7 +1,9 @@
-"""`zagreus eval` and `zagreus compare`; heavy imports stay inside the commands."""
+"""`zagreus eval` and `zagreus compare`."""
 
 from __future__ import annotations
 
+# Only typer, zagreus.errors and the standard library at module level, so `zagreus --help` stays
+# fast; each verb imports the code it runs.
 import json
 from pathlib import Path
 from typing import Optional
@@ -17,19 +19,20 @@ def _split(tasks: str | None) -> list[str]:
 
 def _recipe_defaults(model: Path) -> dict:
     """The run's recipe `eval:` section, when MODEL is (inside) a run directory that has one."""
-    for folder in (model, *model.parents[:3]):
-        if (folder / "recipe.yaml").is_file():
-            from zagreus.recipe import load_recipe
+    from zagreus.recipe import load_recipe
+    from zagreus.rundir import enclosing_run
 
-            recipe = load_recipe(folder / "recipe.yaml", check_inputs=False)
-            section = recipe.eval
-            data_dir = str(recipe.resolve_path(section.data_dir)) if section.data_dir else None
-            return {"tasks": section.tasks, "num_fewshot": section.num_fewshot or None, "limit": section.limit,
-                    "batch_size": section.batch_size, "data_dir": data_dir}
-    return {}
+    run = enclosing_run(model)
+    if run is None or not run.recipe.is_file():
+        return {}
+    recipe = load_recipe(run.recipe, check_inputs=False)
+    section = recipe.eval
+    data_dir = str(recipe.resolve_path(section.data_dir)) if section.data_dir else None
+    return {"tasks": section.tasks, "num_fewshot": section.num_fewshot or None, "limit": section.limit,
+            "batch_size": section.batch_size, "data_dir": data_dir}
 
 
-def eval_command(
+def evaluate(
     model: Path = typer.Argument(..., help="export folder, checkpoint folder or run directory"),
     tasks: Optional[str] = typer.Option(None, help="comma-separated lm-eval tasks, e.g. zagreus_arc_it,arc_it "
                                         "(default: the run's recipe eval.tasks)"),
@@ -55,16 +58,17 @@ def eval_command(
     ddir = data_dir or defaults.get("data_dir")
     if every_checkpoint:
         from zagreus.eval.progression import evaluate_run
+        from zagreus.rundir import RunDir
 
         steps, files = evaluate_run(model, task_list, num_fewshot=fewshot, limit=lim, batch_size=bs,
                                     data_dir=ddir, device=device)
         typer.echo(f"evaluated {len(steps)} new checkpoint(s): {', '.join(f'step-{s}' for s in steps) or 'none'}")
-        typer.echo((model / "eval" / "progression.md").read_text(encoding="utf-8"))
+        typer.echo(RunDir(model).progression().read_text(encoding="utf-8"))
         typer.echo("wrote " + ", ".join(str(f) for f in files))
         return
-    from zagreus.eval.run import evaluate, write_results
+    from zagreus.eval.run import evaluate as evaluate_model, write_results
 
-    results = evaluate(model, task_list, num_fewshot=fewshot, limit=lim, batch_size=bs, data_dir=ddir, device=device)
+    results = evaluate_model(model, task_list, num_fewshot=fewshot, limit=lim, batch_size=bs, data_dir=ddir, device=device)
     for task, entry in results["tasks"].items():
         typer.echo(f"{task}: {entry['metric']} = {entry['value']:.4f}  ({json.dumps(entry['metrics'])}, n={entry['samples']})")
     if out is not None:
@@ -74,18 +78,18 @@ def eval_command(
         typer.echo(json.dumps(results, indent=2, default=str))
 
 
-def compare_command(
+def compare(
     results: list[Path] = typer.Argument(..., help="results JSON files from `zagreus eval --out`"),
     out: Path = typer.Option(..., help="output folder for compare.md, compare.csv, compare.png"),
 ) -> None:
     """Models side by side: task scores by language, per-language and overall averages, bar chart."""
-    from zagreus.eval.compare import compare
+    from zagreus.eval.compare import compare as compare_results
 
-    files = compare(results, out)
+    files = compare_results(results, out)
     typer.echo(files[0].read_text(encoding="utf-8"))
     typer.echo("wrote " + ", ".join(str(f) for f in files))
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval")(eval_command)
-    app.command("compare")(compare_command)
+    app.command("eval")(evaluate)
+    app.command("compare")(compare)

@@ -1,34 +1,57 @@
-"""`zagreus slurm`: write (and optionally submit) the sbatch script of a multi-node pretraining run."""
+"""`zagreus check`, `zagreus run` (the stages of a recipe chained) and `zagreus slurm` (the sbatch
+script of a multi-node pretraining run)."""
 
 from __future__ import annotations
 
+# Only typer and the standard library at module level, so `zagreus --help` stays fast; each verb
+# imports the code it runs.
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("slurm")
-    def slurm(recipe: Path = typer.Argument(..., help="YAML recipe"),
-              nodes: int = typer.Option(..., min=1, help="number of nodes"),
-              gpus_per_node: int = typer.Option(..., min=1, help="GPUs (processes) per node"),
-              partition: Optional[str] = typer.Option(None, help="Slurm partition"),
-              time: str = typer.Option("24:00:00", help="time limit per job (it requeues itself before the limit)"),
-              account: Optional[str] = typer.Option(None, help="Slurm account"),
-              cpus_per_node: Optional[int] = typer.Option(None, help="CPUs for the one task per node"),
-              setup: Optional[str] = typer.Option(None, help="shell line run first on each job start; default: "
-                                                             "activate this command's virtual environment"),
-              out: Optional[Path] = typer.Option(None, help="script path; default <run>/slurm/pretrain.sbatch"),
-              submit: bool = typer.Option(False, "--submit", help="submit it with sbatch")) -> None:
-        """Write an sbatch script running `zagreus pretrain RECIPE` with torchrun on every node (requeue + resume)."""
-        from zagreus.launch.slurm import SlurmJob, default_setup, submit as sbatch, write_sbatch
+def check(recipe: Path = typer.Argument(..., help="YAML recipe")) -> None:
+    """Validate a recipe and print the plan: stages, model size, token budget."""
+    from zagreus.launch.pipeline import plan
+    from zagreus.recipe import load_recipe
 
-        job = SlurmJob(nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time, account=account,
-                       cpus_per_node=cpus_per_node, setup=setup if setup is not None else default_setup())
-        script = write_sbatch(recipe, job, out)
-        typer.echo(f"wrote {script} ({nodes} x {gpus_per_node} GPUs)")
-        if submit:
-            typer.echo(f"submitted job {sbatch(script)}")
-        else:
-            typer.echo(f"submit with: sbatch {script}")
+    for line in plan(load_recipe(recipe), recipe):
+        typer.echo(line)
+
+
+def run(recipe: Path = typer.Argument(..., help="YAML recipe"),
+        from_stage: Optional[str] = typer.Option(None, "--from", help="first stage to run"),
+        until: Optional[str] = typer.Option(None, help="last stage to run")) -> None:
+    """Run every stage of a recipe: data, pretrain, eval, sft, dpo, release."""
+    from zagreus.launch.pipeline import run_pipeline
+    from zagreus.recipe import load_recipe
+
+    run_pipeline(load_recipe(recipe), recipe, from_stage, until)
+
+
+def slurm(recipe: Path = typer.Argument(..., help="YAML recipe"),
+          nodes: int = typer.Option(..., min=1, help="number of nodes"),
+          gpus_per_node: int = typer.Option(..., min=1, help="GPUs (processes) per node"),
+          partition: Optional[str] = typer.Option(None, help="Slurm partition"),
+          time: str = typer.Option("24:00:00", help="time limit per job (it requeues itself before the limit)"),
+          account: Optional[str] = typer.Option(None, help="Slurm account"),
+          cpus_per_node: Optional[int] = typer.Option(None, help="CPUs for the one task per node"),
+          setup: Optional[str] = typer.Option(None, help="shell line run first on each job start; default: "
+                                                         "activate this command's virtual environment"),
+          out: Optional[Path] = typer.Option(None, help="script path; default <run>/slurm/pretrain.sbatch"),
+          submit: bool = typer.Option(False, "--submit", help="submit it with sbatch")) -> None:
+    """Write an sbatch script running `zagreus pretrain RECIPE` with torchrun on every node (requeue + resume)."""
+    from zagreus.launch.slurm import SlurmJob, default_setup, submit as sbatch, write_sbatch
+
+    job = SlurmJob(nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time, account=account,
+                   cpus_per_node=cpus_per_node, setup=setup if setup is not None else default_setup())
+    script = write_sbatch(recipe, job, out)
+    typer.echo(f"wrote {script} ({nodes} x {gpus_per_node} GPUs)")
+    typer.echo(f"submitted job {sbatch(script)}" if submit else f"submit with: sbatch {script}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("check")(check)
+    app.command("run")(run)
+    app.command("slurm")(slurm)

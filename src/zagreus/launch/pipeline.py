@@ -1,8 +1,12 @@
-"""`zagreus run RECIPE`: the stages of a recipe chained, each in its own process.
+"""`zagreus run RECIPE`: the stages of a recipe chained, each in its own process; and the plan
+that `zagreus check RECIPE` prints.
 
 Each stage is the same CLI verb a user would type, so a chained run and a hand-run one write
 the same files; every stage resumes or skips work already done, so rerunning `zagreus run`
 after a crash continues where it stopped.
+
+The chain writes no exports/: eval scores the checkpoints themselves and release exports the
+final model, so nothing would read them; `zagreus export` writes one on demand.
 """
 
 from __future__ import annotations
@@ -14,11 +18,11 @@ import time
 from pathlib import Path
 
 from zagreus.errors import UserError
-from zagreus.recipe import Recipe
+from zagreus.recipe import Recipe, dump_recipe
 
 log = logging.getLogger(__name__)
 
-STAGES = ["data", "pretrain", "export", "eval", "sft", "dpo", "release"]
+STAGES = ["data", "pretrain", "eval", "sft", "dpo", "release"]
 
 
 def stage_commands(recipe: Recipe, recipe_path: Path) -> list[tuple[str, list[str]]]:
@@ -30,7 +34,6 @@ def stage_commands(recipe: Recipe, recipe_path: Path) -> list[tuple[str, list[st
     if recipe.data is not None:
         commands.append(("data", ["data", "tokenize", path]))
         commands.append(("pretrain", ["pretrain", path]))
-        commands.append(("export", ["export", run_dir]))
     if recipe.eval.tasks and recipe.data is not None:
         args = ["eval", run_dir, "--every-checkpoint", "--tasks", ",".join(recipe.eval.tasks)]
         if recipe.eval.limit is not None:
@@ -44,6 +47,28 @@ def stage_commands(recipe: Recipe, recipe_path: Path) -> list[tuple[str, list[st
         commands.append(("dpo", ["dpo", path]))
     commands.append(("release", ["release", run_dir]))
     return commands
+
+
+def plan(recipe: Recipe, recipe_path: Path) -> list[str]:
+    """The lines `zagreus check` prints: run directory, stages, model size, token budget, mixture."""
+    lines = [f"recipe {recipe_path}: OK",
+             f"  run directory : {recipe.run_path()}",
+             f"  stages        : {' -> '.join(stage for stage, _ in stage_commands(recipe, recipe_path))}"]
+    if recipe.data is not None:
+        cfg = recipe.model.resolve()
+        counts = cfg.param_counts()
+        p = recipe.pretrain
+        tokens_per_step = p.tokens_per_step or p.seq_len * p.micro_batch
+        lines.append(f"  model         : {recipe.model.preset or 'custom'}, {counts['total']:,} parameters "
+                     f"({counts['non_embedding']:,} non-embedding)")
+        lines.append(f"  pretraining   : {p.steps:,} steps x {tokens_per_step:,} tokens = {p.steps * tokens_per_step:.3g} tokens, "
+                     f"{cfg.flops_per_token(p.seq_len) * p.steps * tokens_per_step:.3g} FLOPs")
+        total_w = sum(s.weight for s in recipe.data.sources)
+        for s in recipe.data.sources:
+            origin = s.hub or (s.paths() and ", ".join(s.paths())) or "python stdlib"
+            lines.append(f"  source {s.name:<12}: {s.weight / total_w:6.1%} of tokens from {origin}")
+    log.debug("resolved recipe:\n%s", dump_recipe(recipe))
+    return lines
 
 
 def run_pipeline(recipe: Recipe, recipe_path: Path, first: str | None = None, last: str | None = None) -> None:

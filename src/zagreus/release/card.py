@@ -1,24 +1,21 @@
-"""Release: an export folder with a model card (README.md) built from the run's own records,
-optionally uploaded to the Hugging Face hub.
+"""The model card (README.md) of a release, built from the run's own records.
 
 The card states only what the run directory records: the resolved recipe, the data manifest,
-the checkpoint's meta.json and the evaluation progression. Nothing is filled in by hand.
+the checkpoint's meta.json, the post-training summaries and the evaluation progression.
+Nothing is filled in by hand.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import shutil
 from pathlib import Path
 
 import yaml
 
 from zagreus import __version__
 from zagreus.data.shards import human
-from zagreus.errors import UserError
-
-log = logging.getLogger(__name__)
+from zagreus.model.hf import from_llama_config
+from zagreus.rundir import POST_STAGES, RunDir, read_meta
 
 LANGUAGE_NAMES = {"en": "English", "it": "Italian", "es": "Spanish", "fr": "French", "pt": "Portuguese"}
 # FineWeb-2 style configs name languages by ISO 639-3.
@@ -37,12 +34,17 @@ def _languages(recipe: dict) -> list[str]:
     return found
 
 
-def build_model_card(export_dir: Path, run_dir: Path | None, repo_id: str | None = None,
+def build_model_card(export_dir: Path, run: RunDir | None, repo_id: str | None = None,
                      post_stage: str | None = None) -> str:
+    """The card of the export folder `export_dir`, made by `run` (None: a model of unknown origin).
+
+    `post_stage` ("sft", "dpo" or None) is the post-training stage that made the model, so the
+    card claims only what was done to it; `repo_id` names the hub repo in the usage snippet.
+    """
     config = json.loads((export_dir / "config.json").read_text())
     recipe: dict = {}
-    if run_dir is not None and (run_dir / "recipe.yaml").is_file():
-        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    if run is not None and run.recipe.is_file():
+        recipe = yaml.safe_load(run.recipe.read_text()) or {}
     name = repo_id or str(export_dir)
     languages = _languages(recipe)
     front = {
@@ -57,8 +59,6 @@ def build_model_card(export_dir: Path, run_dir: Path | None, repo_id: str | None
     lang_text = " and ".join(LANGUAGE_NAMES.get(c, c) for c in languages) or "its training data"
     lines += [f"A Llama-architecture decoder trained from scratch with zagreus {__version__} on {lang_text}.", ""]
 
-    from zagreus.model.hf import from_llama_config
-
     cfg = from_llama_config(config, export_dir / "config.json")
     counts = cfg.param_counts()
     lines += ["## Model", "", "| | |", "|---|---|",
@@ -70,10 +70,10 @@ def build_model_card(export_dir: Path, run_dir: Path | None, repo_id: str | None
               f"| context | {cfg.max_seq_len} tokens, RoPE θ {cfg.rope_theta:g} |",
               f"| tied embeddings | {'yes' if cfg.tie_embeddings else 'no'} |", ""]
 
-    lines += _training_section(run_dir, recipe)
-    lines += _post_training_section(run_dir, post_stage)
-    lines += _data_section(run_dir)
-    lines += _eval_section(run_dir)
+    lines += _training_section(run, recipe)
+    lines += _post_training_section(run, post_stage)
+    lines += _data_section(run)
+    lines += _eval_section(run)
     chat = json.loads((export_dir / "tokenizer_config.json").read_text()).get("chat_template") if (export_dir / "tokenizer_config.json").is_file() else None
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
@@ -90,17 +90,13 @@ def build_model_card(export_dir: Path, run_dir: Path | None, repo_id: str | None
     return "\n".join(lines)
 
 
-def _latest_meta(run_dir: Path | None) -> dict:
-    if run_dir is None:
-        return {}
-    from zagreus.rundir import latest_checkpoint, read_meta
-
-    latest = latest_checkpoint(run_dir)
+def _latest_meta(run: RunDir | None) -> dict:
+    latest = run.latest_checkpoint() if run is not None else None
     return read_meta(latest) if latest is not None else {}
 
 
-def _training_section(run_dir: Path | None, recipe: dict) -> list[str]:
-    meta = _latest_meta(run_dir)
+def _training_section(run: RunDir | None, recipe: dict) -> list[str]:
+    meta = _latest_meta(run)
     pre = recipe.get("pretrain") or {}
     if not meta and not pre:
         return []
@@ -122,15 +118,14 @@ def _training_section(run_dir: Path | None, recipe: dict) -> list[str]:
     return out + [""]
 
 
-def _post_training_section(run_dir: Path | None, post_stage: str | None) -> list[str]:
+def _post_training_section(run: RunDir | None, post_stage: str | None) -> list[str]:
     """What `zagreus sft` / `zagreus dpo` recorded in their summary.json, for the stages the model went through."""
-    if run_dir is None or post_stage is None:
+    if run is None or post_stage is None:
         return []
     out = []
-    for stage in ("sft", "dpo")[: 1 + (post_stage == "dpo")]:
-        summary = run_dir / stage / "summary.json"
-        if summary.is_file():
-            facts = json.loads(summary.read_text())
+    for stage in POST_STAGES[: POST_STAGES.index(post_stage) + 1]:
+        facts = run.stage(stage).read_summary()
+        if facts:
             kept = facts.get("data", {}).get("total", {}).get("kept")
             line = f"- {stage.upper()}: {facts.get('steps')} steps, {facts.get('epochs')} epochs on {kept} examples, template {facts.get('template')}"
             if stage == "sft" and "final_loss" in facts:
@@ -142,11 +137,10 @@ def _post_training_section(run_dir: Path | None, post_stage: str | None) -> list
     return ["## Post-training", "", *out, ""] if out else []
 
 
-def _data_section(run_dir: Path | None) -> list[str]:
-    manifest_path = run_dir / "data" / "manifest.json" if run_dir is not None else None
-    if manifest_path is None or not manifest_path.is_file():
+def _data_section(run: RunDir | None) -> list[str]:
+    if run is None or not run.manifest.is_file():
         return []
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(run.manifest.read_text())
     sources = manifest.get("sources", {})
     out = ["## Data", "", "| source | origin | weight | training documents | training tokens |", "|---|---|---|---|---|"]
     for name, info in sources.items():
@@ -155,64 +149,9 @@ def _data_section(run_dir: Path | None) -> list[str]:
     return out + [""]
 
 
-def _eval_section(run_dir: Path | None) -> list[str]:
-    progression = run_dir / "eval" / "progression.md" if run_dir is not None else None
+def _eval_section(run: RunDir | None) -> list[str]:
+    progression = run.progression() if run is not None else None
     if progression is None or not progression.is_file():
         return []
     return ["## Evaluation", "", "Scores by checkpoint (lm-evaluation-harness, `zagreus eval --every-checkpoint`):", "",
             progression.read_text().strip(), ""]
-
-
-def release(source: Path, out: Path | None = None, push: str | None = None, private: bool = False) -> Path:
-    """Export `source` (run directory, checkpoint or export folder) into `out` with a model card."""
-    from zagreus.model.hf import save_hf
-    from zagreus.checkpoint import load_model_and_tokenizer
-
-    source = Path(source)
-    # The run directory this model came from (runs/<name>/, holding checkpoints/ or data/), if any.
-    run_dir = next((p for p in [source, *source.resolve().parents]
-                    if (p / "checkpoints").is_dir() or (p / "data" / "manifest.json").is_file()), None)
-    if run_dir is not None and source.resolve() == run_dir.resolve():
-        source = _final_model(run_dir)
-    # Which post-training stage made the released model, so the card claims only what was done to it.
-    post_stage = next((st for st in ("dpo", "sft") if run_dir is not None
-                       and source.resolve().is_relative_to((run_dir / st).resolve())), None)
-    out = Path(out) if out is not None else (run_dir or source.parent) / "release"
-    if (source / "config.json").is_file():
-        if out.resolve() != source.resolve():
-            shutil.copytree(source, out, dirs_exist_ok=True)
-    else:
-        model, tokenizer = load_model_and_tokenizer(source)
-        save_hf(model, tokenizer, out)
-    local_card = build_model_card(out, run_dir, None, post_stage)
-    (out / "README.md").write_text(build_model_card(out, run_dir, push, post_stage) if push else local_card, encoding="utf-8")
-    log.info("release folder %s written from %s", out, source)
-    if push:
-        try:
-            _push(out, push, private)
-        except UserError:
-            (out / "README.md").write_text(local_card, encoding="utf-8")  # the card names no repo it is not in
-            raise
-    return out
-
-
-def _final_model(run_dir: Path) -> Path:
-    """The last model a run made: DPO's export, else SFT's, else the latest pretraining checkpoint."""
-    for stage in ("dpo", "sft"):
-        if (run_dir / stage / "summary.json").is_file() and (run_dir / stage / "export" / "config.json").is_file():
-            return run_dir / stage / "export"
-    return run_dir
-
-
-def _push(folder: Path, repo_id: str, private: bool) -> None:
-    import httpx
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    api = HfApi()
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=f"zagreus {__version__} release")
-    except (HfHubHTTPError, OSError, httpx.HTTPError) as exc:
-        raise UserError(f"upload to {repo_id} failed: {exc}; check `huggingface-cli login` and the network, "
-                        f"the folder {folder} is complete and can be uploaded later") from None

@@ -1,10 +1,9 @@
-"""CLI verbs of the serving stage: `zagreus chat MODEL` and `zagreus serve MODEL`.
-
-Only typer and the standard library at top level; torch and the server load inside the commands.
-"""
+"""CLI verbs of the serving stage: `zagreus chat MODEL` and `zagreus serve MODEL`."""
 
 from __future__ import annotations
 
+# Only typer, zagreus.errors and the standard library at module level, so `zagreus --help` stays
+# fast; each verb imports the code it runs (torch and the server load inside them).
 import json
 from pathlib import Path
 from typing import Optional
@@ -38,52 +37,55 @@ def _load_tools(path: Optional[Path]) -> list[dict] | None:
     return tools
 
 
+def chat(model: Path = typer.Argument(..., help=MODEL_HELP),
+         template: Optional[str] = typer.Option(None, help=TEMPLATE_HELP),
+         system: Optional[str] = typer.Option(None, help="system prompt"),
+         tools: Optional[Path] = typer.Option(None, help="JSON file with a list of tool schemas (OpenAI format)"),
+         temperature: float = typer.Option(0.7, min=0.0, help="0 means greedy"),
+         top_k: int = typer.Option(0, min=0, help="keep the k most likely tokens (0: all)"),
+         top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="nucleus sampling mass"),
+         repetition_penalty: float = typer.Option(1.0, min=0.01, help="CTRL-style penalty on seen tokens (1: off)"),
+         max_tokens: int = typer.Option(512, min=1, help="most tokens per reply (clipped to the context)"),
+         seed: Optional[int] = typer.Option(None, help="sampling seed"),
+         device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
+    """Chat in the terminal with streamed replies (/reset, /tool TEXT, /exit). Reads stdin, so it can be piped."""
+    import sys
+
+    from zagreus.model.generate import SamplingParams
+    from zagreus.serve import chat_cli
+    from zagreus.serve.engine import open_engine
+
+    tool_list = _load_tools(tools)
+    engine = open_engine(model, template=template, device=_device(device))
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, max_new_tokens=max_tokens, seed=seed)
+    try:
+        chat_cli.run(engine, params, sys.stdin, sys.stdout, system=system, tools=tool_list)
+    except KeyboardInterrupt:
+        typer.echo("")
+
+
+def serve(model: Path = typer.Argument(..., help=MODEL_HELP),
+          host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 for every interface)"),
+          port: int = typer.Option(8000, min=0, max=65535, help="TCP port"),
+          template: Optional[str] = typer.Option(None, help=TEMPLATE_HELP),
+          name: Optional[str] = typer.Option(None, help="model id reported by /v1/models (default: the folder name)"),
+          max_running: int = typer.Option(16, min=1, help="requests generating at once (each holds a KV cache); "
+                                                         "the rest wait in arrival order"),
+          batch: bool = typer.Option(False, "--batch", help="decode the running requests in one batched forward "
+                                                           "(several times the throughput; a reply may then differ "
+                                                           "in rare near-ties from the one it gets alone)"),
+          device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
+    """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health) and a web chat at /."""
+    from zagreus.serve.engine import open_engine
+    from zagreus.serve.server import serve as run_server
+
+    engine = open_engine(model, template=template, name=name, max_active=max_running, batch=batch,
+                         device=_device(device))
+    typer.echo(f"serving {engine.name} on http://{host}:{port}/ (OpenAI API under /v1)")
+    run_server(engine, host=host, port=port)
+
+
 def register(app: typer.Typer) -> None:
-    @app.command("chat")
-    def chat(model: Path = typer.Argument(..., help=MODEL_HELP),
-             template: Optional[str] = typer.Option(None, help=TEMPLATE_HELP),
-             system: Optional[str] = typer.Option(None, help="system prompt"),
-             tools: Optional[Path] = typer.Option(None, help="JSON file with a list of tool schemas (OpenAI format)"),
-             temperature: float = typer.Option(0.7, min=0.0, help="0 means greedy"),
-             top_k: int = typer.Option(0, min=0, help="keep the k most likely tokens (0: all)"),
-             top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="nucleus sampling mass"),
-             repetition_penalty: float = typer.Option(1.0, min=0.01, help="CTRL-style penalty on seen tokens (1: off)"),
-             max_tokens: int = typer.Option(512, min=1, help="most tokens per reply (clipped to the context)"),
-             seed: Optional[int] = typer.Option(None, help="sampling seed"),
-             device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
-        """Chat in the terminal with streamed replies (/reset, /tool TEXT, /exit). Reads stdin, so it can be piped."""
-        import sys
-
-        from zagreus.model.generate import SamplingParams
-        from zagreus.serve import chat_cli
-        from zagreus.serve.engine import open_engine
-
-        tool_list = _load_tools(tools)
-        engine = open_engine(model, template=template, device=_device(device))
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, max_new_tokens=max_tokens, seed=seed)
-        try:
-            chat_cli.run(engine, params, sys.stdin, sys.stdout, system=system, tools=tool_list)
-        except KeyboardInterrupt:
-            typer.echo("")
-
-    @app.command("serve")
-    def serve(model: Path = typer.Argument(..., help=MODEL_HELP),
-              host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 for every interface)"),
-              port: int = typer.Option(8000, min=0, max=65535, help="TCP port"),
-              template: Optional[str] = typer.Option(None, help=TEMPLATE_HELP),
-              name: Optional[str] = typer.Option(None, help="model id reported by /v1/models (default: the folder name)"),
-              max_running: int = typer.Option(16, min=1, help="requests generating at once (each holds a KV cache); "
-                                                             "the rest wait in arrival order"),
-              batch: bool = typer.Option(False, "--batch", help="decode the running requests in one batched forward "
-                                                               "(several times the throughput; a reply may then differ "
-                                                               "in rare near-ties from the one it gets alone)"),
-              device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
-        """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health) and a web chat at /."""
-        from zagreus.serve.engine import open_engine
-        from zagreus.serve.server import serve as run_server
-
-        engine = open_engine(model, template=template, name=name, max_active=max_running, batch=batch,
-                             device=_device(device))
-        typer.echo(f"serving {engine.name} on http://{host}:{port}/ (OpenAI API under /v1)")
-        run_server(engine, host=host, port=port)
+    app.command("chat")(chat)
+    app.command("serve")(serve)

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from zagreus.errors import UserError
 
@@ -232,6 +232,31 @@ def _saved_identity(path: Path) -> dict:
     if not config_path.is_file():
         return {}
     return json.loads(config_path.read_text(encoding="utf-8")).get("zagreus_tokenizer") or {}
+
+
+def read_texts(paths: Sequence[Path], text_field: str = "text", max_chars: int = 50_000_000) -> Iterator[str]:
+    """The texts of jsonl files (their `text_field`) and plain text files, up to `max_chars` characters in all."""
+    seen = 0
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"{path}: no such file; pass jsonl or text files to --input")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            if path.suffix == ".jsonl":
+                for line in f:
+                    try:
+                        text = json.loads(line).get(text_field, "")
+                    except (json.JSONDecodeError, AttributeError):
+                        continue
+                    seen += len(text)
+                    yield text
+                    if seen >= max_chars:
+                        return
+            else:
+                text = f.read(max_chars - seen)
+                seen += len(text)
+                yield text
+        if seen >= max_chars:
+            return
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path) -> Tokenizer:

@@ -1,0 +1,66 @@
+"""`zagreus release`: the model to ship as a Hugging Face folder with its model card, optionally
+uploaded to the hub."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from zagreus import __version__
+from zagreus.errors import UserError
+from zagreus.release.card import build_model_card
+from zagreus.release.export import export
+from zagreus.rundir import POST_STAGES, locate
+
+log = logging.getLogger(__name__)
+
+
+def release(source: Path, out: Path | None = None, push: str | None = None, private: bool = False) -> Path:
+    """Export `source` (run directory, checkpoint or export folder) into `out` with a model card.
+
+    A run directory ships the last model it made (RunDir.final_model); `out` defaults to
+    RUN_DIR/release, or to a release/ folder beside a model that belongs to no run.
+    """
+    located = locate(source)
+    run = located.run
+    if located.kind == "run":
+        final = run.final_model()
+        if final is None:
+            raise UserError(f"{source}: no model to release yet (no finished SFT/DPO export, no complete checkpoint); "
+                            f"run `zagreus pretrain RECIPE` first")
+        located = locate(final)
+    model = located.path
+    # Which post-training stage made the released model, so the card claims only what was done to it.
+    post_stage = located.stage if located.stage in POST_STAGES else None
+    out = Path(out) if out is not None else run.release if run is not None else model.parent / "release"
+    if located.kind == "export":
+        if out.resolve() != model.resolve():
+            shutil.copytree(model, out, dirs_exist_ok=True)
+    else:
+        export(model, out)
+    local_card = build_model_card(out, run, None, post_stage)
+    (out / "README.md").write_text(build_model_card(out, run, push, post_stage) if push else local_card, encoding="utf-8")
+    log.info("release folder %s written from %s", out, model)
+    if push:
+        try:
+            _push(out, push, private)
+        except UserError:
+            (out / "README.md").write_text(local_card, encoding="utf-8")  # the card names no repo it is not in
+            raise
+    return out
+
+
+def _push(folder: Path, repo_id: str, private: bool) -> None:
+    # huggingface_hub (and httpx) only for an upload: imported here.
+    import httpx
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=f"zagreus {__version__} release")
+    except (HfHubHTTPError, OSError, httpx.HTTPError) as exc:
+        raise UserError(f"upload to {repo_id} failed: {exc}; check `huggingface-cli login` and the network, "
+                        f"the folder {folder} is complete and can be uploaded later") from None
