@@ -1,6 +1,8 @@
-"""Which device a stage runs on: one rule for every verb ("auto", "cpu", "cuda", "cuda:N")."""
+"""Which device a stage runs on: one rule for every verb ("auto", "cpu", "cuda", "cuda:N"), and its compute precision."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -18,3 +20,10 @@ def pick_device(choice: str, local_rank: int = 0) -> torch.device:
     device = torch.device(choice) if ":" in choice else torch.device("cuda", local_rank)
     torch.cuda.set_device(device)
     return device
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU; fp32 on CPU (these CPUs have no native bf16, so it would only be slower)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -248,6 +248,8 @@ class SFTSection(Strict):
     schedule: ScheduleSection = ScheduleSection(kind="cosine", warmup=100)
     log_every: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint: CheckpointSection = CheckpointSection(every=500, keep=2)
+    max_bad_steps: int = Field(5, ge=1, description="non-finite steps in a row that stop the run")
 
 
 class DPOSection(Strict):
@@ -264,6 +266,8 @@ class DPOSection(Strict):
     schedule: ScheduleSection = ScheduleSection(kind="cosine", warmup=10)
     log_every: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint: CheckpointSection = CheckpointSection(every=500, keep=2)
+    max_bad_steps: int = Field(5, ge=1, description="non-finite steps in a row that stop the run")
 
 
 # --- the recipe -----------------------------------------------------------------------------

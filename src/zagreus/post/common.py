@@ -1,21 +1,32 @@
-"""What SFT and DPO share: opening the starting model, the device and autocast, tokenized
-sequences with shifted labels, padded batches, metrics files and the final export."""
+"""What SFT and DPO share: opening the starting model, tokenized sequences with shifted labels,
+padded batches, the final export, and the stage itself on the trainer skeleton (`train_stage`):
+output folder, resume, checkpoints, metrics, summary. The stages differ only in their Task.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
+import random
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from zagreus import __version__
+from zagreus.checkpoint import load_model_and_tokenizer
 from zagreus.devices import pick_device
 from zagreus.errors import UserError
+from zagreus.model.hf import save_hf
+from zagreus.post.chat import jinja_template, stop_token_ids
+from zagreus.post.datasets import load_examples, summarize
+from zagreus.recipe import dump_recipe
+from zagreus.rundir import RunDir, StageDir
+from zagreus.train.optim import build_optimizer, lr_multiplier
+from zagreus.train.metrics import last_logged
+from zagreus.train.trainer import Settings, Task, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +61,8 @@ def tokenization_report(what: str, kept: int, truncated: int, empty: int, seq_le
     return {f"{what}s": kept, "truncated": truncated, "dropped_no_trained_token": empty}
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPU; fp32 on CPU (this CPU kind has no native bf16)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def open_init(init: str | None, recipe, default: Path, what: str, device: torch.device):
     """(model, tokenizer) from `init` (resolved against the recipe) or the default location."""
-    from zagreus.checkpoint import load_model_and_tokenizer
-
     path = recipe.resolve_path(init) if init else default
     if not path.exists():
         hint = f"set {what}.init to a checkpoint or export folder" if init is None else "fix the path"
@@ -70,6 +72,13 @@ def open_init(init: str | None, recipe, default: Path, what: str, device: torch.
         raise UserError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
     log.info("%s: starting from %s (%s parameters)", what, path, f"{sum(p.numel() for p in model.parameters()):,}")
     return model, tok, path
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order rows (or pairs) are visited in during `epoch`: a function of the seed alone, so resume needs only the step."""
+    order = list(range(n))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return order
 
 
 def pad_id(tokenizer) -> int:
@@ -90,29 +99,8 @@ def padded_batch(seqs: list[Sequence], pad: int, device: torch.device) -> tuple[
     return tokens.to(device), labels.to(device)
 
 
-class Metrics:
-    """Appends one JSON line per logged step (metrics.jsonl)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")
-        self.start = time.time()
-
-    def write(self, record: dict) -> None:
-        record = {"time": round(time.time() - self.start, 3), **record}
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-
 def export(model, tokenizer, out_dir: Path, template: str, metadata: dict) -> Path:
     """Write the HF folder with the chat template atomically: a crash leaves the old export intact."""
-    from zagreus.model.hf import save_hf
-    from zagreus.post.chat import jinja_template, stop_token_ids
-
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -135,17 +123,12 @@ def export(model, tokenizer, out_dir: Path, template: str, metadata: dict) -> Pa
     return out_dir
 
 
-def finished(stage_dir: Path) -> bool:
-    summary = stage_dir / "summary.json"
-    return summary.is_file() and json.loads(summary.read_text()).get("finished", False)
-
-
 @dataclass
 class StageStart:
-    """What sft and dpo both begin with: their section, output folder, device, starting model and examples."""
+    """What sft and dpo both begin with: their section, stage folder, device, starting model and examples."""
 
     sec: object
-    out: Path
+    stage: StageDir
     device: torch.device
     model: object
     tokenizer: object
@@ -155,17 +138,21 @@ class StageStart:
 
 
 def open_stage(recipe, stage: str, default_init: Path, force: bool) -> StageStart | None:
-    """Check the recipe's `stage` section, open the starting model and read the datasets; None if already finished."""
-    from zagreus.post.datasets import load_examples
+    """Check the recipe's `stage` section, open the starting model and read the datasets; None if already finished.
 
+    --force starts over: the stage's checkpoints (and DPO's reference log-probabilities) are removed.
+    """
     sec = getattr(recipe, stage)
     if sec is None:
         raise UserError(f"{recipe.source_path}: no {stage}: section; add one (see recipes/nesso-0.4b-instruct.yaml)")
     if not sec.datasets:
         raise UserError(f"{recipe.source_path}: key '{stage}.datasets' is empty; list at least one dataset")
-    out = recipe.run_path() / stage
-    if finished(out) and not force:
-        log.info("%s: %s is finished; pass --force to train again", stage, out)
+    folder = RunDir(recipe.run_path()).stage(stage)
+    if force:
+        shutil.rmtree(folder.checkpoints, ignore_errors=True)
+        folder.reference.unlink(missing_ok=True)
+    elif folder.finished():
+        log.info("%s: %s is finished; pass --force to train again", stage, folder.root)
         return None
     torch.manual_seed(sec.seed)
     device = pick_device(sec.device)
@@ -177,4 +164,37 @@ def open_stage(recipe, stage: str, default_init: Path, force: bool) -> StageStar
         ex, st = load_examples(spec, recipe.resolve_path, stage)
         examples += ex
         stats.append(st)
-    return StageStart(sec, out, device, model, tok, init_path, examples, stats)
+    return StageStart(sec, folder, device, model, tok, init_path, examples, stats)
+
+
+def train_stage(recipe, start: StageStart, task: Task, total_steps: int,
+                summary: Callable[[dict], dict]) -> Path | None:
+    """Run `task` for `total_steps` on the trainer, resuming from the stage's latest checkpoint; then export
+    and write summary.json (the stage's facts from `summary(last_metrics)`). None when stopped by SIGTERM."""
+    sec, folder, name = start.sec, start.stage, start.stage.name
+    folder.root.mkdir(parents=True, exist_ok=True)
+    folder.recipe.write_text(dump_recipe(recipe), encoding="utf-8")
+    run = RunDir(recipe.run_path())
+    if not run.recipe.is_file():  # a post-training-only run: the run directory starts here
+        run.recipe.write_text(dump_recipe(recipe), encoding="utf-8")
+    if not (folder.tokenizer / "tokenizer.json").is_file():  # what the stage's checkpoints load with
+        start.tokenizer.save(folder.tokenizer)
+    optimizer = build_optimizer(start.model, sec.optimizer)
+    settings = Settings(name, total_steps, sec.optimizer.lr, lr_multiplier(sec.schedule, total_steps, sec.optimizer.lr),
+                        sec.optimizer.clip, sec.log_every, sec.checkpoint.every, sec.checkpoint.keep, sec.max_bad_steps)
+    trainer = Trainer(task, start.model, optimizer, settings, checkpoints=folder.checkpoints, metrics_dir=folder.root,
+                      device=start.device, tokenizer_dir=folder.tokenizer,
+                      meta={"model_config": start.model.cfg.model_dump(mode="json"), "stage": name,
+                            "init": str(start.init_path), "recipe": recipe.model_dump(mode="json", exclude={"source_path"})})
+    trainer.resume()
+    # A run killed after its last checkpoint but before the export has nothing left to train.
+    last = trainer.run() or last_logged(folder.root)
+    if last.get("stopped_by_signal"):
+        return None
+    start.model.eval()
+    export_dir = export(start.model, start.tokenizer, folder.export, sec.template, {"stage": name, "init": str(start.init_path)})
+    facts = {"finished": True, "stage": name, "init": str(start.init_path), "template": sec.template,
+             "steps": total_steps, "epochs": sec.epochs, **summary(last), "data": summarize(start.stats),
+             "export": str(export_dir)}
+    folder.summary.write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
+    return export_dir

@@ -8,27 +8,35 @@ log-probabilities are computed once, before the first update, and kept as two fl
 so no frozen copy of the model lives in memory during training.
 
 Logged per step: loss, rewards (chosen, rejected: beta x log-ratio), margins and accuracy
-(share of pairs whose chosen reward beats the rejected one). Output: runs/<name>/dpo/export/,
-metrics.jsonl, summary.json.
+(share of pairs whose chosen reward beats the rejected one). Training runs on the trainer
+skeleton like SFT (checkpoints, exact resume, SIGTERM); the reference log-probabilities are
+saved once in runs/<name>/dpo/reference_logprobs.pt, so a resumed run uses the starting model's,
+not the half-trained one's. Output: runs/<name>/dpo/export/, metrics.jsonl, summary.json.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
-import time
+import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from zagreus.devices import autocast
 from zagreus.errors import UserError
+from zagreus.post.chat import render
 from zagreus.post.common import (
-    IGNORE, Metrics, Sequence, autocast, export, open_stage, tokenization_report, pad_id, padded_batch, to_sequence,
+    IGNORE, Sequence, StageStart, epoch_order, open_stage, pad_id, padded_batch, to_sequence, tokenization_report,
+    train_stage,
 )
+from zagreus.rundir import RunDir
+from zagreus.train.losses import token_logprobs
+from zagreus.train.trainer import StepResult, Task
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +49,6 @@ class Pair:
 
 def tokenize_pair(ex, tokenizer, template: str, seq_len: int) -> tuple[Pair, bool]:
     """Render prompt+chosen and prompt+rejected; only the completion's assistant tokens are trained."""
-    from zagreus.post.chat import render
-
     prompt_len = len(render(ex.prompt, tokenizer, template, tools=ex.tools).ids)
     seqs, cut = [], False
     for completion in (ex.chosen, ex.rejected):
@@ -69,8 +75,6 @@ def tokenize_pairs(examples, tokenizer, template: str, seq_len: int) -> tuple[li
 
 def sequence_logprobs(model, tokens: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
     """Summed log-probability of the labelled targets of each row ([B]); padding is on the right."""
-    from zagreus.train.losses import token_logprobs
-
     hidden = model(tokens, return_hidden=True)
     lp = token_logprobs(hidden, model.lm_head.weight, labels, chunk_tokens, ignore_index=IGNORE)
     return lp.float().sum(-1)
@@ -94,8 +98,6 @@ def pair_batch(pairs: list[Pair], pad: int, device: torch.device) -> tuple[torch
 def reference_logprobs(model, pairs: list[Pair], micro_batch: int, pad: int, device: torch.device,
                        chunk_tokens: int = 4096) -> torch.Tensor:
     """[N, 2] (chosen, rejected) log-probabilities of every pair under the model as it is now."""
-    from tqdm import tqdm
-
     was_training = model.training
     model.eval()
     out = torch.empty(len(pairs), 2, dtype=torch.float64)
@@ -111,86 +113,94 @@ def reference_logprobs(model, pairs: list[Pair], micro_batch: int, pad: int, dev
     return out
 
 
-def run_dpo(recipe, force: bool = False) -> Path:
-    """The `zagreus dpo` stage; returns the export folder."""
-    from tqdm import tqdm
+def stored_reference(start: StageStart, pairs: list[Pair], pad: int, chunk: int) -> torch.Tensor:
+    """The reference log-probabilities: computed once from the starting model and kept in the stage folder.
 
-    from zagreus.post.datasets import summarize
-    from zagreus.recipe import dump_recipe
-    from zagreus.train.optim import build_optimizer, lr_multiplier
+    A resumed run must use the starting model's values, and the model in memory is then already
+    restored from a checkpoint, so the file is written before the first update and read after.
+    """
+    path = start.stage.reference
+    key = {"init": str(start.init_path), "pairs": len(pairs)}
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved.get("key") == key:
+            return saved["logprobs"]
+        log.info("dpo: %s was computed for other data or another starting model; computing again", path)
+    if start.stage.latest_checkpoint() is not None:
+        raise UserError(f"dpo: {path} is missing or stale but {start.stage.checkpoints} holds a half-trained model; "
+                        f"pass --force to start over")
+    ref = reference_logprobs(start.model, pairs, start.sec.micro_batch, pad, start.device, chunk)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": key, "logprobs": ref}, tmp)
+    os.replace(tmp, path)
+    return ref
 
-    start = open_stage(recipe, "dpo", recipe.run_path() / "sft" / "export", force)
+
+class DPOTask(Task):
+    """One DPO step: micro-batches of pairs (chosen and rejected in one forward); the mean loss over the step's pairs."""
+
+    unit = "pairs"
+
+    def __init__(self, model, pairs: list[Pair], ref: torch.Tensor, sec, pad: int, device: torch.device, chunk: int):
+        self.model, self.pairs, self.ref, self.sec, self.pad, self.device, self.chunk = model, pairs, ref, sec, pad, device, chunk
+        self.per_step = sec.micro_batch * sec.grad_accum
+        self.steps_per_epoch = math.ceil(len(pairs) / self.per_step)
+        self._order = lru_cache(maxsize=2)(lambda epoch: epoch_order(len(pairs), sec.seed, epoch))
+
+    def step(self, step: int) -> StepResult:
+        epoch, s = divmod(step, self.steps_per_epoch)
+        idx = self._order(epoch)[s * self.per_step : (s + 1) * self.per_step]
+        losses, chosen_r, rejected_r = [], [], []
+        for m in range(0, len(idx), self.sec.micro_batch):
+            mb = idx[m : m + self.sec.micro_batch]
+            tokens, labels = pair_batch([self.pairs[i] for i in mb], self.pad, self.device)
+            with autocast(self.device):
+                lp = sequence_logprobs(self.model, tokens, labels, self.chunk)
+            n = len(mb)
+            r = self.ref[mb].to(device=self.device, dtype=lp.dtype)
+            loss, cr, rr = dpo_loss(lp[:n], lp[n:], r[:, 0], r[:, 1], self.sec.beta)
+            # Mean over the step's pairs, however they fall into micro-batches.
+            (loss.sum() / len(idx)).backward()
+            losses.append(loss.detach())
+            chosen_r.append(cr)
+            rejected_r.append(rr)
+        cr_all, rr_all = torch.cat(chosen_r), torch.cat(rejected_r)
+        return StepResult(torch.cat(losses).mean(), len(idx), {
+            "epoch": epoch, "rewards_chosen": float(cr_all.mean()), "rewards_rejected": float(rr_all.mean()),
+            "margins": float((cr_all - rr_all).mean()), "accuracy": float((cr_all > rr_all).float().mean())})
+
+    def state(self) -> dict:
+        return {"pairs": len(self.pairs)}
+
+    def restore(self, meta: dict) -> None:
+        if meta.get("pairs") != len(self.pairs):
+            raise UserError(f"dpo: the checkpoint was trained on {meta.get('pairs')} pairs but the data now gives "
+                            f"{len(self.pairs)}; the datasets or dpo.seq_len changed. Pass --force to start over")
+
+
+FINAL_KEYS = ("loss", "rewards_chosen", "rewards_rejected", "margins", "accuracy")
+
+
+def run_dpo(recipe, force: bool = False) -> Path | None:
+    """The `zagreus dpo` stage; returns the export folder, or None when SIGTERM stopped it (resume by rerunning)."""
+    run = RunDir(recipe.run_path())
+    start = open_stage(recipe, "dpo", run.stage("sft").export, force)
     if start is None:
-        return recipe.run_path() / "dpo" / "export"
-    sec, out, device, model, tok = start.sec, start.out, start.device, start.model, start.tokenizer
-    init_path, examples, stats = start.init_path, start.examples, start.stats
-    pairs, tok_stats = tokenize_pairs(examples, tok, sec.template, sec.seq_len)
+        return run.stage("dpo").export
+    sec, tok = start.sec, start.tokenizer
+    pairs, tok_stats = tokenize_pairs(start.examples, tok, sec.template, sec.seq_len)
     if not pairs:
         raise UserError("dpo: no pair has completion tokens within seq_len; raise dpo.seq_len")
-    pad = pad_id(tok)
-    chunk = recipe.pretrain.loss_chunk
-    ref = reference_logprobs(model, pairs, sec.micro_batch, pad, device, chunk)
-
-    per_step = sec.micro_batch * sec.grad_accum
-    steps_per_epoch = math.ceil(len(pairs) / per_step)
-    total_steps = steps_per_epoch * sec.epochs
-    log.info("dpo: %d pairs, %d steps per epoch x %d epochs, beta %g", len(pairs), steps_per_epoch, sec.epochs, sec.beta)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    metrics = Metrics(out / "metrics.jsonl")
-    opt = build_optimizer(model, sec.optimizer)
-    schedule = lr_multiplier(sec.schedule, total_steps, sec.optimizer.lr)
-    model.train()
-    step, last = 0, {}
-    t0 = time.time()
-    bar = tqdm(total=total_steps, desc="dpo", unit="step", disable=None)
-    for epoch in range(sec.epochs):
-        order = list(range(len(pairs)))
-        random.Random(sec.seed * 1000 + epoch).shuffle(order)
-        for s in range(steps_per_epoch):
-            idx = order[s * per_step : (s + 1) * per_step]
-            lr = sec.optimizer.lr * schedule(step)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            losses, chosen_r, rejected_r = [], [], []
-            for m in range(0, len(idx), sec.micro_batch):
-                mb = idx[m : m + sec.micro_batch]
-                tokens, labels = pair_batch([pairs[i] for i in mb], pad, device)
-                with autocast(device):
-                    lp = sequence_logprobs(model, tokens, labels, chunk)
-                n = len(mb)
-                r = ref[mb].to(device=device, dtype=lp.dtype)
-                loss, cr, rr = dpo_loss(lp[:n], lp[n:], r[:, 0], r[:, 1], sec.beta)
-                # Mean over the step's pairs, however they fall into micro-batches.
-                (loss.sum() / len(idx)).backward()
-                losses.append(loss.detach())
-                chosen_r.append(cr)
-                rejected_r.append(rr)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), sec.optimizer.clip)
-            if not torch.isfinite(grad_norm):
-                raise UserError(f"dpo: non-finite gradient norm at step {step}; lower dpo.optimizer.lr")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            cr_all, rr_all = torch.cat(chosen_r), torch.cat(rejected_r)
-            last = {"loss": float(torch.cat(losses).mean()), "rewards_chosen": float(cr_all.mean()),
-                    "rewards_rejected": float(rr_all.mean()), "margins": float((cr_all - rr_all).mean()),
-                    "accuracy": float((cr_all > rr_all).float().mean())}
-            if step % sec.log_every == 0 or step == total_steps:
-                metrics.write({"step": step, "epoch": epoch, "lr": lr, "grad_norm": float(grad_norm), **last,
-                               "pairs_per_s": step * per_step / max(time.time() - t0, 1e-9)})
-                bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}")
-    bar.close()
-    metrics.close()
-    model.eval()
-    export_dir = export(model, tok, out / "export", sec.template, {"stage": "dpo", "init": str(init_path)})
-    summary = {"finished": True, "stage": "dpo", "init": str(init_path), "template": sec.template, "beta": sec.beta,
-               "steps": total_steps, "epochs": sec.epochs, "final": last, "data": summarize(stats),
-               "tokenized": tok_stats, "export": str(export_dir),
-               "reference_logprobs_mean": {"chosen": float(ref[:, 0].mean()), "rejected": float(ref[:, 1].mean())}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    log.info("dpo: done, %d steps, last loss %.4f, accuracy %.2f, export %s", total_steps, last["loss"],
-             last["accuracy"], export_dir)
+    pad, chunk = pad_id(tok), recipe.pretrain.loss_chunk
+    ref = stored_reference(start, pairs, pad, chunk)
+    task = DPOTask(start.model, pairs, ref, sec, pad, start.device, chunk)
+    total_steps = task.steps_per_epoch * sec.epochs
+    log.info("dpo: %d pairs, %d steps per epoch x %d epochs, beta %g", len(pairs), task.steps_per_epoch, sec.epochs,
+             sec.beta)
+    export_dir = train_stage(recipe, start, task, total_steps, lambda last: {
+        "beta": sec.beta, "final": {k: last[k] for k in FINAL_KEYS}, "tokenized": tok_stats,
+        "reference_logprobs_mean": {"chosen": float(ref[:, 0].mean()), "rejected": float(ref[:, 1].mean())}})
+    if export_dir is not None:
+        log.info("dpo: done, %d steps, export %s", total_steps, export_dir)
     return export_dir

@@ -7,28 +7,34 @@ seq_len tokens; attention is block-diagonal causal (a boolean [B, 1, T, T] mask)
 positions restart at 0 for every conversation, so each conversation is computed exactly as if
 it were alone (tests/test_post_train.py checks this to 1e-5).
 
-Output: runs/<name>/sft/export/ (a Hugging Face folder with the chat template, what `zagreus
-chat`, `serve`, `eval` and `dpo` read), metrics.jsonl and summary.json (data counts, steps,
-final loss). There are no mid-run checkpoints: an SFT run is short; a rerun starts over, and a
-finished one is skipped unless forced.
+Training runs on the trainer skeleton (zagreus.train.trainer): checkpoints every
+sft.checkpoint.every steps under runs/<name>/sft/checkpoints/, exact resume after a kill (the rows
+and every epoch's order follow from the seed, so the data position is the step), SIGTERM saves the
+step in flight. Output: runs/<name>/sft/export/ (a Hugging Face folder with the chat template,
+what `zagreus chat`, `serve`, `eval` and `dpo` read), metrics.jsonl and summary.json (data counts,
+steps, final loss). A finished stage is skipped unless forced.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from zagreus.devices import autocast
 from zagreus.errors import UserError
+from zagreus.post.chat import render
+from zagreus.rundir import RunDir
 from zagreus.post.common import (
-    IGNORE, Metrics, Sequence, autocast, export, open_stage, tokenization_report, pad_id, padded_batch, to_sequence,
+    IGNORE, Sequence, epoch_order, open_stage, pad_id, padded_batch, to_sequence, tokenization_report, train_stage,
 )
+from zagreus.train.losses import chunked_cross_entropy
+from zagreus.train.trainer import StepResult, Task
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +58,6 @@ class Batch:
 
 def tokenize_examples(examples, tokenizer, template: str, seq_len: int) -> tuple[list[Sequence], dict]:
     """Render every conversation; counts truncated ones and drops those left with nothing to learn."""
-    from zagreus.post.chat import render
-
     seqs, truncated, empty = [], 0, 0
     for ex in examples:
         r = render(ex.messages, tokenizer, template, tools=ex.tools)
@@ -112,8 +116,6 @@ def make_batch(rows: list[list[Sequence]], pad: int, device: torch.device, packi
 
 def token_losses(model, batch: Batch, chunk_tokens: int = 4096, reduction: str = "none") -> torch.Tensor:
     """Cross-entropy of every target ([B, T], 0 where ignored), or its sum."""
-    from zagreus.train.losses import chunked_cross_entropy
-
     hidden = model(batch.tokens, positions=batch.positions, mask=batch.mask, return_hidden=True)
     return chunked_cross_entropy(hidden, model.lm_head.weight, batch.labels, chunk_tokens, ignore_index=IGNORE,
                                  reduction=reduction)
@@ -128,80 +130,58 @@ def build_rows(seqs: list[Sequence], seq_len: int, packing: bool, seed: int) -> 
     return [[seqs[order[j]] for j in row] for row in rows]
 
 
-def run_sft(recipe, force: bool = False) -> Path:
-    """The `zagreus sft` stage; returns the export folder."""
-    from tqdm import tqdm
+class SFTTask(Task):
+    """One SFT step: micro-batches of rows; the loss is the mean over the step's trained tokens."""
 
-    from zagreus.post.datasets import summarize
-    from zagreus.recipe import dump_recipe
-    from zagreus.train.optim import build_optimizer, lr_multiplier
+    unit = "tokens"
 
+    def __init__(self, model, rows: list[list[Sequence]], sec, pad: int, device: torch.device, chunk: int):
+        self.model, self.rows, self.sec, self.pad, self.device, self.chunk = model, rows, sec, pad, device, chunk
+        self.per_step = sec.micro_batch * sec.grad_accum
+        self.steps_per_epoch = math.ceil(len(rows) / self.per_step)
+        self._order = lru_cache(maxsize=2)(lambda epoch: epoch_order(len(rows), sec.seed, epoch))
+
+    def step(self, step: int) -> StepResult:
+        epoch, s = divmod(step, self.steps_per_epoch)
+        picked = [self.rows[i] for i in self._order(epoch)[s * self.per_step : (s + 1) * self.per_step]]
+        micro = [make_batch(picked[i : i + self.sec.micro_batch], self.pad, self.device, self.sec.packing)
+                 for i in range(0, len(picked), self.sec.micro_batch)]
+        n_trained = sum(b.trained_tokens for b in micro)
+        total = torch.zeros((), dtype=torch.float64)
+        for b in micro:
+            with autocast(self.device):
+                loss_sum = token_losses(self.model, b, self.chunk, reduction="sum")
+            # Mean over the step's trained tokens, however they fall into micro-batches.
+            (loss_sum / n_trained).backward()
+            total += loss_sum.detach().double().cpu()
+        return StepResult(total / n_trained, sum(b.tokens.numel() for b in micro),
+                          {"epoch": epoch, "trained_tokens": n_trained})
+
+    def state(self) -> dict:
+        return {"rows": len(self.rows)}
+
+    def restore(self, meta: dict) -> None:
+        if meta.get("rows") != len(self.rows):
+            raise UserError(f"sft: the checkpoint was trained on {meta.get('rows')} rows but the data now gives "
+                            f"{len(self.rows)}; the datasets or sft.seq_len changed. Pass --force to start over")
+
+
+def run_sft(recipe, force: bool = False) -> Path | None:
+    """The `zagreus sft` stage; returns the export folder, or None when SIGTERM stopped it (resume by rerunning)."""
     start = open_stage(recipe, "sft", recipe.run_path(), force)
     if start is None:
-        return recipe.run_path() / "sft" / "export"
-    sec, out, device, model, tok = start.sec, start.out, start.device, start.model, start.tokenizer
-    init_path, examples, stats = start.init_path, start.examples, start.stats
-    seqs, tok_stats = tokenize_examples(examples, tok, sec.template, sec.seq_len)
+        return RunDir(recipe.run_path()).stage("sft").export
+    sec, tok = start.sec, start.tokenizer
+    seqs, tok_stats = tokenize_examples(start.examples, tok, sec.template, sec.seq_len)
     if not seqs:
         raise UserError("sft: no conversation has an assistant token within seq_len; raise sft.seq_len")
     rows = build_rows(seqs, sec.seq_len, sec.packing, sec.seed)
-    per_step = sec.micro_batch * sec.grad_accum
-    steps_per_epoch = math.ceil(len(rows) / per_step)
-    total_steps = steps_per_epoch * sec.epochs
+    task = SFTTask(start.model, rows, sec, pad_id(tok), start.device, recipe.pretrain.loss_chunk)
+    total_steps = task.steps_per_epoch * sec.epochs
     log.info("sft: %d conversations in %d rows (%s), %d steps per epoch x %d epochs", len(seqs), len(rows),
-             "packed" if sec.packing else "padded", steps_per_epoch, sec.epochs)
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    metrics = Metrics(out / "metrics.jsonl")
-    opt = build_optimizer(model, sec.optimizer)
-    schedule = lr_multiplier(sec.schedule, total_steps, sec.optimizer.lr)
-    pad = pad_id(tok)
-    chunk = recipe.pretrain.loss_chunk
-    model.train()
-    step, last_loss, t0 = 0, float("nan"), time.time()
-    seen_tokens = 0
-    bar = tqdm(total=total_steps, desc="sft", unit="step", disable=None)
-    for epoch in range(sec.epochs):
-        order = list(range(len(rows)))
-        random.Random(sec.seed * 1000 + epoch).shuffle(order)
-        for s in range(steps_per_epoch):
-            picked = [rows[i] for i in order[s * per_step : (s + 1) * per_step]]
-            micro = [make_batch(picked[i : i + sec.micro_batch], pad, device, sec.packing)
-                     for i in range(0, len(picked), sec.micro_batch)]
-            n_trained = sum(b.trained_tokens for b in micro)
-            lr = sec.optimizer.lr * schedule(step)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            total = 0.0
-            for b in micro:
-                with autocast(device):
-                    loss_sum = token_losses(model, b, chunk, reduction="sum")
-                # Mean over the step's trained tokens, however they fall into micro-batches.
-                (loss_sum / n_trained).backward()
-                total += float(loss_sum.detach())
-                seen_tokens += b.tokens.numel()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), sec.optimizer.clip)
-            if not torch.isfinite(grad_norm):
-                raise UserError(f"sft: non-finite gradient norm at step {step}; lower sft.optimizer.lr")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            last_loss = total / n_trained
-            step += 1
-            bar.update(1)
-            if step % sec.log_every == 0 or step == total_steps:
-                rec = {"step": step, "epoch": epoch, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
-                       "trained_tokens": n_trained, "tokens_per_s": seen_tokens / max(time.time() - t0, 1e-9)}
-                metrics.write(rec)
-                bar.set_postfix(loss=f"{last_loss:.4f}")
-    bar.close()
-    metrics.close()
-    model.eval()
-    export_dir = export(model, tok, out / "export", sec.template, {"stage": "sft", "init": str(init_path)})
-    summary = {"finished": True, "stage": "sft", "init": str(init_path), "template": sec.template, "steps": total_steps,
-               "epochs": sec.epochs, "rows": len(rows), "final_loss": last_loss, "data": summarize(stats),
-               "tokenized": tok_stats, "export": str(export_dir)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    log.info("sft: done, %d steps, final loss %.4f, export %s", total_steps, last_loss, export_dir)
+             "packed" if sec.packing else "padded", task.steps_per_epoch, sec.epochs)
+    export_dir = train_stage(recipe, start, task, total_steps,
+                             lambda last: {"rows": len(rows), "final_loss": last["loss"], "tokenized": tok_stats})
+    if export_dir is not None:
+        log.info("sft: done, %d steps, export %s", total_steps, export_dir)
     return export_dir

@@ -13,7 +13,6 @@ package never imports the eval stage.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zagreus.data.loader import TokenLoader
-from zagreus.devices import pick_device
+from zagreus.devices import autocast, pick_device
 from zagreus.errors import UserError
 from zagreus.model.config import ModelConfig
 from zagreus.model.llama import build_model
@@ -115,7 +114,7 @@ class Validator:
         self.device = device
 
     @torch.no_grad()
-    def evaluate(self, parallel: ParallelModel, chunk_tokens: int, autocast, world: int) -> dict[str, float]:
+    def evaluate(self, parallel: ParallelModel, chunk_tokens: int, world: int) -> dict[str, float]:
         model = parallel.model
         model.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
@@ -126,7 +125,7 @@ class Validator:
             totals[1] += tokens
         for batch in self.batches if parallel.model_loss is not None else []:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with autocast():
+            with parallel.autocast():
                 hidden = model(batch["input"], return_hidden=True)
                 nats = chunked_cross_entropy(hidden, model.lm_head.weight, batch["target"], chunk_tokens, reduction="sum")
             totals[0] += nats.double()
@@ -192,7 +191,6 @@ def _model_config(recipe: Recipe, tokenizer: Tokenizer) -> ModelConfig:
 def _parallel_model(cfg: ModelConfig, p: PretrainSection, dims: ParallelDims, accum: int,
                     device: torch.device) -> tuple[nn.Module, ParallelModel]:
     """(the plain model, its distributed form): pipeline split -> TP -> AC -> compile -> FSDP2."""
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     model = build_model(cfg, device, seed=p.seed)
     par = p.parallel
     # compute_loss is looked up when called, so a test can wrap it.
@@ -201,7 +199,7 @@ def _parallel_model(cfg: ModelConfig, p: PretrainSection, dims: ParallelDims, ac
                            loss_parallel=par.loss_parallel, activation_checkpointing=p.activation_checkpointing,
                            compile=p.compile, param_dtype=resolve_param_dtype(par.param_dtype, device),
                            pp_schedule=par.pp_schedule, pp_microbatches=par.pp_microbatches,
-                           local_batch=p.micro_batch * accum, autocast=autocast)
+                           local_batch=p.micro_batch * accum, autocast=lambda: autocast(device))
     return model, parallel
 
 
@@ -209,8 +207,7 @@ def _evaluations(recipe: Recipe, parallel: ParallelModel, validator: Validator |
                  tokenizer: Tokenizer, quick_eval: QuickEval | None, world: int) -> list[Evaluation]:
     p, evaluations = recipe.pretrain, []
     if validator is not None:
-        autocast = parallel.autocast
-        evaluations.append(Evaluation(p.eval_every, lambda step: validator.evaluate(parallel, p.loss_chunk, autocast, world),
+        evaluations.append(Evaluation(p.eval_every, lambda step: validator.evaluate(parallel, p.loss_chunk, world),
                                       "validation"))
     task = recipe.eval.quick_task
     if task and quick_eval is not None:

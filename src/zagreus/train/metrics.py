@@ -48,6 +48,15 @@ def bits_per_byte(loss_nats_sum: float, n_bytes: int) -> float:
     return loss_nats_sum / (math.log(2) * max(n_bytes, 1))
 
 
+def last_logged(metrics_dir: Path) -> dict:
+    """The last per-step record (one with a loss) of metrics_dir/metrics.jsonl; {} when there is none."""
+    path = Path(metrics_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return next((r for r in reversed(records) if "loss" in r), {})
+
+
 class MetricsLogger:
     """Writes records to metrics.jsonl and TensorBoard (rank 0 only) and prints the console line."""
 
