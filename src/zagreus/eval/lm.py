@@ -2,23 +2,27 @@
 
 `lm-eval --model zagreus --model_args pretrained=PATH` (or `ZagreusLM(model=..., tokenizer=...)`)
 scores with `zagreus.eval.scorer` (packed choices, output matrix only where needed) and
-generates in left-padded batches with the KV cache and `zagreus.model.generate`'s token picker. Tokenisation reproduces lm-eval's `hf`
-model on our exported tokenizer: its post-processor prepends <|begin_of_text|> to every
-encoded string (unless the string already starts with it) and special-token strings in the
-text are recognised, so both paths feed the model the same ids.
+generates in batches with `zagreus.model.generate`'s Decoder and Sampler. Tokenisation
+reproduces lm-eval's `hf` model on our exported tokenizer: its post-processor prepends
+<|begin_of_text|> to every encoded string (unless the string already starts with it) and
+special-token strings in the text are recognised, so both paths feed the model the same ids.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
-import torch
+from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
+from zagreus.checkpoint import load_model_and_tokenizer
 from zagreus.eval.scorer import score_pairs
+from zagreus.model.generate import Decoder, Sampler, SamplingParams, token_budget
 from zagreus.tokenizer import BOS
 
 log = logging.getLogger(__name__)
@@ -37,8 +41,6 @@ class ZagreusLM(TemplateLM):
                  **kwargs) -> None:
         super().__init__()
         if model is None:
-            from zagreus.checkpoint import load_model_and_tokenizer
-
             if pretrained is None:
                 raise ValueError("pass pretrained=PATH (export, checkpoint or run folder) or model= and tokenizer=")
             model, tokenizer = load_model_and_tokenizer(pretrained, device=device or "cpu")
@@ -94,8 +96,6 @@ class ZagreusLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Perplexity-style scores: disjoint windows of max_length tokens, summed (as HFLM)."""
-        from lm_eval import utils
-
         windows, owners = [], []
         for i, (string,) in enumerate(req.args for req in requests):
             for ctx, cont in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
@@ -113,12 +113,6 @@ class ZagreusLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continuations with the KV cache, batched (left-padded), cut at the first stop sequence."""
-        import json
-
-        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-
-        from zagreus.model.generate import SamplingParams
-
         eos = self.zt.decode([self.eot_token_id])
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -150,57 +144,34 @@ class ZagreusLM(TemplateLM):
         return out
 
 
-@torch.inference_mode()
-def generate_batch(model, prompts: list[list[int]], params, until: list[str], decode) -> list[str]:
-    """Decode several prompts at once: left padding, per-row RoPE positions, one KV cache.
+def generate_batch(model, prompts: list[list[int]], params: SamplingParams, until: list[str], decode) -> list[str]:
+    """Decode several prompts at once with one Decoder.
 
     A row stops at a stop id, once its decoded text holds a stop string (checked on the text,
-    as HF's stopping criteria do), or after max_new_tokens; the batch ends when all rows have.
+    as HF's stopping criteria do), or after max_new_tokens; finished rows leave the batch.
     """
-    from zagreus.model.generate import pick_token
-    from zagreus.model.llama import KVCache
-
-    device = next(model.parameters()).device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    budget = params.max_new_tokens
-    pads = torch.tensor([P - len(p) for p in prompts])
-    tokens = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=device)
-    steps = torch.arange(P)
-    positions = (steps[None] - pads[:, None]).clamp(min=0)
-    key_valid = torch.ones(B, P + budget, dtype=torch.bool)
-    key_valid[:, :P] = steps[None] >= pads[:, None]
-    # Causal over real tokens; a padding row sees itself only, so softmax never meets an empty row.
-    mask = torch.ones(P, P, dtype=torch.bool).tril()[None] & key_valid[:, None, :P] | torch.eye(P, dtype=torch.bool)
-    cache = KVCache.empty(model.cfg, B, P + budget, device=device, dtype=next(model.parameters()).dtype)
-    logits = model(tokens, positions=positions.to(device), mask=mask[:, None].to(device), cache=cache)[:, -1]
-    gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    stops = set(params.stop_ids)
+    decoder = Decoder(model)
+    samplers = [Sampler(p, params, token_budget(model, p, params), decoder.device) for p in prompts]
+    logits = decoder.prefill(prompts, [s.left for s in samplers])
     generated: list[list[int]] = [[] for _ in prompts]
-    seen = [list(p) for p in prompts]
-    texts = [""] * B
-    done = [False] * B
-    next_pos = torch.tensor([len(p) for p in prompts])
-    for step in range(budget):
-        feed = []
-        for b in range(B):
-            token = 0
-            if not done[b]:
-                token = pick_token(logits[b], seen[b], params, gen)
-                if token in stops:
-                    done[b] = True
-                else:
-                    generated[b].append(token)
-                    seen[b].append(token)
-                    texts[b] = decode(generated[b])
-                    done[b] = any(s in texts[b] for s in until)
-            feed.append(token)
-        if all(done) or step == budget - 1:
-            break
-        width = P + step + 1
-        logits = model(torch.tensor(feed, device=device)[:, None], positions=next_pos[:, None].to(device),
-                       mask=key_valid[:, None, None, :width].to(device), cache=cache)[:, -1]
-        next_pos += 1
-    return texts
+    texts = [""] * len(prompts)
+    rows = list(range(len(prompts)))  # the prompt of each decoder row
+    while True:
+        live, feed = [], []
+        for k, i in enumerate(rows):
+            token = samplers[i].pick(logits[k])
+            if token is None:
+                continue
+            generated[i].append(token)
+            texts[i] = decode(generated[i])
+            if samplers[i].left and not any(s in texts[i] for s in until):
+                live.append(k)
+                feed.append(token)
+        if not live:
+            return texts
+        rows = [rows[k] for k in live]
+        decoder.keep(live)
+        logits = decoder.step(feed)
 
 
 def make_lm(model_or_path, tokenizer=None, batch_size: int = 16, device: str | None = None) -> ZagreusLM:

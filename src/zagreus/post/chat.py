@@ -1,5 +1,6 @@
 """Chat templates: rendering conversations to token ids with the assistant-loss mask, the same
-templates as Jinja `chat_template` strings for Hugging Face exports, and tool-call parsing.
+templates as Jinja `chat_template` strings for Hugging Face exports, which template a model
+folder was trained with (`template_of`), and tool-call parsing.
 
 Two templates:
 - "chatml": `<|im_start|>role\\n...<|im_end|>\\n`, tools Hermes-style (JSON schemas listed in the
@@ -21,7 +22,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from zagreus.errors import UserError
 
 TEMPLATES = ("chatml", "llama3")
 ROLES = ("system", "user", "assistant", "tool")
@@ -318,6 +322,33 @@ def jinja_template(template: str) -> str:
         + header("'assistant'")
         + "{%- endif %}"
     )
+
+
+def template_of(folder: Path, explicit: str | None) -> str:
+    """The template a model was trained with: the flag, else the one recorded by post-training
+    (zagreus.json), else the export's chat_template, else ChatML."""
+    if explicit:
+        if explicit not in TEMPLATES:
+            raise UserError(f"--template {explicit}: choose one of {', '.join(TEMPLATES)}")
+        return explicit
+    record = Path(folder) / "zagreus.json"
+    if record.is_file():
+        recorded = json.loads(record.read_text(encoding="utf-8")).get("template")
+        if recorded in TEMPLATES:
+            return recorded
+    cfg = Path(folder) / "tokenizer_config.json"
+    saved = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template") if cfg.is_file() else None
+    if not saved:
+        return "chatml"
+    for name in TEMPLATES:
+        if saved == jinja_template(name):
+            return name
+    # A template written elsewhere: recognise the format by its markers.
+    if "<|start_header_id|>" in saved:
+        return "llama3"
+    if "<|im_start|>" in saved:
+        return "chatml"
+    raise UserError(f"{cfg}: chat_template is neither ChatML nor Llama-3; pass --template chatml|llama3")
 
 
 # --- generation helpers ---------------------------------------------------------------------

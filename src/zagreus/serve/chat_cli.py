@@ -14,6 +14,8 @@ import json
 import sys
 from typing import Callable, TextIO
 
+from zagreus.model.generate import generate_stream
+from zagreus.post.chat import parse_tool_calls
 from zagreus.serve.engine import ContextOverflow, Engine, TextStream
 
 HELP = "commands: /reset clears the conversation, /tool TEXT sends a tool result, /exit quits"
@@ -25,12 +27,9 @@ def format_call(call: dict) -> str:
 
 def reply(engine: Engine, messages: list[dict], tools: list[dict] | None, params, write: Callable[[str], None]) -> dict:
     """Stream one assistant turn through `write`; return it as a message (tool calls structured)."""
-    from zagreus.model.generate import generate_stream
-    from zagreus.post.chat import parse_tool_calls
-
     prompt = engine.render_chat(messages, tools=tools, truncate=True)
-    params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, engine.room(prompt)),
-                                 stop_ids=tuple(engine.stop_ids))
+    # generate_stream clips max_new_tokens to the room left in the context itself.
+    params = dataclasses.replace(params, stop_ids=tuple(engine.stop_ids))
     text = TextStream(engine.tokenizer)
     try:
         for token in generate_stream(engine.model, prompt, params):

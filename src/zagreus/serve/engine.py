@@ -9,9 +9,10 @@ round-robin, one token each per turn. A request therefore computes exactly the o
 would compute alone (same shapes, same order), so concurrent replies are bit-identical to solo
 ones and all of them stream at once; throughput is that of one sequence at a time. With
 `batch=True` (`zagreus serve --batch`) the worker decodes all running requests in one forward
-per step instead (see _Batched): several times the throughput, but a reply may then differ from
-its solo version where batch-shaped floating-point sums break a near-tie. At most `max_active`
-requests run at once (each holds a KV cache); later ones wait in arrival order.
+per step of a shared `zagreus.model.generate.Decoder` instead (see _Batched): several times the
+throughput, but a reply may then differ from its solo version where batch-shaped floating-point
+sums break a near-tie. At most `max_active` requests run at once (each holds a KV cache); later
+ones wait in arrival order.
 Tokenizer calls (rendering, decoding) stay on the caller's side: the server's event loop thread.
 
 Context policy. A prompt must leave room for at least one new token. The server answers a longer
@@ -29,16 +30,15 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
+from zagreus.checkpoint import load_model_and_tokenizer
 from zagreus.errors import UserError
-
-if TYPE_CHECKING:
-    from zagreus.model.generate import SamplingParams
+from zagreus.model.generate import Decoder, Sampler, SamplingParams, generate_stream, token_budget
+from zagreus.post.chat import TEMPLATES, render, stop_token_ids, template_of, validate_messages
 
 log = logging.getLogger(__name__)
 
-TEMPLATES = ("chatml", "llama3")
 TOOL_CALL_OPEN = "<tool_call>"
 
 
@@ -87,8 +87,7 @@ class Scheduler:
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, emit: Callable[[tuple[str, object]], None]) -> Job:
         prompt = list(prompt)
-        budget = min(params.max_new_tokens, self.model.cfg.max_seq_len - len(prompt))
-        job = Job(prompt, params, emit, budget)
+        job = Job(prompt, params, emit, token_budget(self.model, prompt, params))
         self._inbox.put(job)
         return job
 
@@ -143,8 +142,6 @@ class _Interleaved:
         return [job for job, _ in self.active]
 
     def admit(self, job: Job) -> None:
-        from zagreus.model.generate import generate_stream
-
         self.active.append((job, generate_stream(self.scheduler.model, job.prompt, job.params)))
 
     def step(self) -> None:
@@ -169,38 +166,28 @@ class _Interleaved:
 
 @dataclass
 class _Row:
-    """A job in the batch: its sampling state and where its keys/values sit in a cache."""
+    """A job in the batch: its sampler and the token it picked, fed at the next step."""
 
     job: Job
-    seen: list[int]
-    gen: object  # torch.Generator | None
-    length: int  # tokens in the KV cache
-    cache: object  # KVCache holding them at [row, :, offset : offset + length]
-    row: int = 0
-    offset: int = 0
-    next_token: int = -1  # picked, fed at the next step
+    sampler: Sampler
+    token: int
 
 
 class _Batched:
     """Batched decode: every running job advances by one token in a single forward.
 
-    Prompts are prefilled one by one (exactly as `generate_stream` does); decode steps share one
-    KV cache in which each job's entries are right-aligned, with its own RoPE positions and a
-    mask hiding the padding. When jobs join or leave, the shared cache is rebuilt. The sampling
-    rules are those of `generate_stream` (pick_token, stop ids, budget). What it gives up: a
-    reply no longer depends only on its own prompt bit for bit, since matrix products and
-    attention sums over a batch (and its padding) may round differently than over one sequence;
-    a lone request still computes exactly what `generate_stream` computes.
+    A job's prompt is prefilled alone (exactly as `generate_stream` does), then it joins the
+    decode batch of a shared `Decoder` (right-aligned entries, own RoPE positions, padding masked).
+    The sampling rules are those of `generate_stream` (Sampler: pick_token, stop ids, budget).
+    What it gives up: a reply no longer depends only on its own prompt bit for bit, since matrix
+    products and attention sums over a batch (and its padding) may round differently than over
+    one sequence; a lone request still computes exactly what `generate_stream` computes.
     """
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        self.model = scheduler.model
-        self.rows: list[_Row] = []
-        self.cache = None
-        self.dirty = False
-        param = next(self.model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.decoder = Decoder(scheduler.model)
+        self.rows: list[_Row] = []  # the decoder's rows, in order
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -209,92 +196,53 @@ class _Batched:
         return [r.job for r in self.rows]
 
     def admit(self, job: Job) -> None:
-        import torch
-
-        from zagreus.model.llama import KVCache
-
+        token = None
         try:
-            with torch.inference_mode():
-                cache = KVCache.empty(self.model.cfg, 1, len(job.prompt), device=self.device, dtype=self.dtype)
-                logits = self.model(torch.tensor([job.prompt], device=self.device), cache=cache)[0, -1]
-                gen = None
-                if job.params.seed is not None:
-                    gen = torch.Generator(device=self.device).manual_seed(job.params.seed)
-                row = _Row(job, list(job.prompt), gen, len(job.prompt), cache)
-                if self._advance(row, logits):
-                    self.rows.append(row)
-                    self.dirty = True
-        except Exception as exc:
+            sampler = Sampler(job.prompt, job.params, job.budget, self.decoder.device)
+            token = self._advance(job, sampler, self.decoder.prefill([job.prompt], [job.budget])[0])
+        except Exception as exc:  # a failing request must not take the worker down
             log.exception("prefill failed")
             _deliver(job, ("error", f"generation failed: {exc}"))
+        if token is None:
+            self.decoder.keep(range(len(self.rows)))  # a finished or failed job leaves no row behind
+        else:
+            self.rows.append(_Row(job, sampler, token))
 
-    def _advance(self, row: _Row, logits) -> bool:
-        """Pick the row's next token from its logits; False when the row is finished."""
-        from zagreus.model.generate import pick_token
-
-        job = row.job
-        token = pick_token(logits, row.seen, job.params, row.gen)
-        if token in job.params.stop_ids:
+    def _advance(self, job: Job, sampler: Sampler, logits) -> int | None:
+        """Pick and hand out the job's next token; None when the job is finished."""
+        token = sampler.pick(logits)
+        if token is None:
             _deliver(job, ("done", "stop"))
-            return False
+            return None
         if not self.scheduler.token(job, token):
-            return False
-        if job.produced >= job.budget:
+            return None
+        if not sampler.left:
             _deliver(job, ("done", "length"))
-            return False
-        row.seen.append(token)
-        row.next_token = token
-        return True
+            return None
+        return token
 
-    def _rebuild(self) -> None:
-        """One shared cache with every row's entries right-aligned at the current length."""
-        from zagreus.model.llama import KVCache
-
-        longest = max(r.length for r in self.rows)
-        room = max(r.job.budget - r.job.produced for r in self.rows)
-        new = KVCache.empty(self.model.cfg, len(self.rows), longest + room, device=self.device, dtype=self.dtype)
-        new.length = longest
-        for i, r in enumerate(self.rows):
-            start = longest - r.length
-            for layer in range(len(new.keys)):
-                new.keys[layer][i, :, start:longest] = r.cache.keys[layer][r.row, :, r.offset : r.offset + r.length]
-                new.values[layer][i, :, start:longest] = r.cache.values[layer][r.row, :, r.offset : r.offset + r.length]
-            r.cache, r.row, r.offset = new, i, start
-        self.cache = new
-        self.dirty = False
+    def _keep(self, indices: list[int]) -> None:
+        if len(indices) != len(self.rows):
+            self.rows = [self.rows[i] for i in indices]
+            self.decoder.keep(indices)
 
     def step(self) -> None:
-        import torch
-
-        live = [r for r in self.rows if not r.job.cancelled.is_set()]
-        if len(live) != len(self.rows):
-            self.rows, self.dirty = live, True
+        self._keep([i for i, r in enumerate(self.rows) if not r.job.cancelled.is_set()])
         if not self.rows:
             return
-        if self.dirty or self.cache.length >= self.cache.capacity:
-            self._rebuild()
-        cache, length = self.cache, self.cache.length
         try:
-            with torch.inference_mode():
-                tokens = torch.tensor([[r.next_token] for r in self.rows], device=self.device)
-                positions = torch.tensor([[r.length] for r in self.rows], device=self.device)
-                mask = torch.zeros(len(self.rows), 1, 1, length + 1, dtype=torch.bool, device=self.device)
-                for i, r in enumerate(self.rows):
-                    mask[i, 0, 0, length - r.length :] = True
-                logits = self.model(tokens, positions=positions, mask=mask, cache=cache)[:, -1]
-                survivors = []
-                for i, r in enumerate(self.rows):
-                    r.length += 1
-                    if self._advance(r, logits[i]):
-                        survivors.append(r)
+            logits = self.decoder.step([r.token for r in self.rows])
+            picks = [self._advance(r.job, r.sampler, logits[i]) for i, r in enumerate(self.rows)]
         except Exception as exc:
             log.exception("batched decode failed")
             for r in self.rows:
                 _deliver(r.job, ("error", f"generation failed: {exc}"))
-            self.rows, self.cache = [], None
+            self.rows, self.decoder = [], Decoder(self.scheduler.model)
             return
-        if len(survivors) != len(self.rows):
-            self.rows, self.dirty = survivors, True
+        for r, token in zip(self.rows, picks):
+            if token is not None:
+                r.token = token
+        self._keep([i for i, token in enumerate(picks) if token is not None])
 
 
 def _deliver(job: Job, event: tuple[str, object]) -> bool:
@@ -390,8 +338,6 @@ class Engine:
 
     def __init__(self, model, tokenizer, template: str = "chatml", name: str = "zagreus", max_active: int = 16,
                  batch: bool = False) -> None:
-        from zagreus.post.chat import stop_token_ids
-
         if template not in TEMPLATES:
             raise UserError(f"--template {template}: choose one of {', '.join(TEMPLATES)}")
         model.eval()
@@ -410,8 +356,6 @@ class Engine:
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None, truncate: bool = False) -> list[int]:
         """Prompt ids for the next assistant turn. Raises ValueError for bad messages and
         ContextOverflow when it does not fit (unless `truncate` drops the oldest turns)."""
-        from zagreus.post.chat import render, validate_messages
-
         messages = validate_messages(messages)
         while True:
             ids = render(messages, self.tokenizer, template=self.template, tools=tools, add_generation_prompt=True).ids
@@ -463,39 +407,8 @@ class Engine:
                 self._scheduler = None
 
 
-def template_of(folder: Path, explicit: str | None) -> str:
-    """The template a model was trained with: the flag, else the one recorded by post-training
-    (zagreus.json), else the export's chat_template, else ChatML."""
-    if explicit:
-        if explicit not in TEMPLATES:
-            raise UserError(f"--template {explicit}: choose one of {', '.join(TEMPLATES)}")
-        return explicit
-    record = Path(folder) / "zagreus.json"
-    if record.is_file():
-        recorded = json.loads(record.read_text(encoding="utf-8")).get("template")
-        if recorded in TEMPLATES:
-            return recorded
-    cfg = Path(folder) / "tokenizer_config.json"
-    saved = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template") if cfg.is_file() else None
-    if not saved:
-        return "chatml"
-    from zagreus.post.chat import jinja_template
-
-    for name in TEMPLATES:
-        if saved == jinja_template(name):
-            return name
-    # A template written elsewhere: recognise the format by its markers.
-    if "<|start_header_id|>" in saved:
-        return "llama3"
-    if "<|im_start|>" in saved:
-        return "chatml"
-    raise UserError(f"{cfg}: chat_template is neither ChatML nor Llama-3; pass --template chatml|llama3")
-
-
 def open_engine(path: str | Path, template: str | None = None, name: str | None = None, device: str = "cpu",
                 max_active: int = 16, batch: bool = False) -> Engine:
-    from zagreus.checkpoint import load_model_and_tokenizer
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such model; pass an export folder, a checkpoint or a run directory")

@@ -18,11 +18,13 @@ import uuid
 from importlib import resources
 from typing import Any, AsyncIterator, Literal
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zagreus.model.generate import SamplingParams
+from zagreus.post.chat import parse_tool_calls
 from zagreus.serve.engine import ContextOverflow, Engine, TextStream, openai_tool_calls
 
 log = logging.getLogger(__name__)
@@ -198,8 +200,6 @@ def create_app(engine: Engine) -> FastAPI:
         log.info("%s: chat, %d prompt tokens, max %d new", rid, len(prompt), params.max_new_tokens)
 
         def tool_calls_of(text: str) -> tuple[str, list[dict]]:
-            from zagreus.post.chat import parse_tool_calls
-
             content, calls = parse_tool_calls(text)
             return content, openai_tool_calls(calls, rid[-8:])
 
@@ -295,8 +295,6 @@ def create_app(engine: Engine) -> FastAPI:
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: Literal["info", "warning"] = "info") -> None:
     """Run the server until interrupted."""
-    import uvicorn
-
     try:
         uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level)
     finally:
