@@ -43,6 +43,7 @@ from zagreus.data.filters import LanguageFilter, MinHasher, NearDupIndex, is_val
 from zagreus.data.sources import Doc, Skip, WorkUnit, input_signature, plan_source, read_unit
 from zagreus.errors import UserError
 from zagreus.recipe import DataSection, Source
+from zagreus.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,6 @@ class UnitProcessor:
     """
 
     def __init__(self, plan: Plan, threads: int | None = None):
-        from zagreus.tokenizer import load_tokenizer
-
         self.plan = plan
         self.threads = threads or available_cores()
         self.tok = load_tokenizer(plan.tokenizer)
@@ -327,8 +326,6 @@ def _add(counter: dict, name: str, docs: int, chars: int) -> None:
 
 def finalize(plan: Plan) -> dict:
     """Dedup, budget, split and write shards + manifest from the unit files (processing missing units)."""
-    from zagreus.tokenizer import load_tokenizer
-
     tok = load_tokenizer(plan.tokenizer)
     data = plan.data
     f = data.filters

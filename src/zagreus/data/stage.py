@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 from zagreus.data import pipeline, shards
+from zagreus.data.filters import LanguageFilter
 from zagreus.errors import UserError
 from zagreus.recipe import DataSection, Recipe, TokenizerSection
+from zagreus.tokenizer import load_tokenizer, train_bpe
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +26,6 @@ TRAINED_MARKER = ".zagreus-trained"
 
 def _tokenizer(section: TokenizerSection, tokenizer_dir: Path | None, data: DataSection, units, resolve):
     """(spec for workers, Tokenizer); trains the BPE once, saves the run's tokenizer folder."""
-    from zagreus.tokenizer import load_tokenizer, train_bpe
-
     if section.train is not None:
         if tokenizer_dir is None:
             raise UserError("tokenizer: {train: ...} needs a run directory; use a recipe, not the quick form")
@@ -55,8 +55,6 @@ def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection
     """Run the stage; returns the manifest, or with `dry_run` on Slurm the sbatch scripts."""
     data_dir = Path(data_dir)
     if data.filters.languages:
-        from zagreus.data.filters import LanguageFilter
-
         try:
             LanguageFilter(data.filters.languages, data.filters.language_threshold)
         except ValueError as exc:
@@ -79,7 +77,7 @@ def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection
     logging_dir = (Path(resolve(cfg.logging_dir)) if cfg.logging_dir else data_dir / "logs") / plan.hash
     log.info("plan %s: %d work units from %d source(s), tokenizer %s", plan.hash, len(units), len(data.sources), tok.name)
     if cfg.kind == "slurm":
-        from zagreus.data.executors import launch_slurm
+        from zagreus.data.executors import launch_slurm  # imports datatrove: only for the executors that need it
 
         try:
             return launch_slurm(plan, cfg, logging_dir, dry_run)
@@ -88,7 +86,7 @@ def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection
     if dry_run:
         raise UserError("--dry-run shows the Slurm job; set data.executor.kind: slurm in the recipe")
     if cfg.kind == "datatrove":
-        from zagreus.data.executors import run_datatrove_local
+        from zagreus.data.executors import run_datatrove_local  # imports datatrove, as above
 
         run_datatrove_local(plan, cfg, logging_dir)
     else:
@@ -120,8 +118,6 @@ def quick_data_section(inputs: list[str], workers: int, dedup: str = "none", val
 
 def check_shards(data_dir: Path, tokenizer_spec: str) -> dict:
     """The manifest of a shard folder, after refusing it if another tokenizer made it."""
-    from zagreus.tokenizer import load_tokenizer
-
     data_dir = Path(data_dir)
     shards.check_identity(data_dir, load_tokenizer(tokenizer_spec).identity())
     return json.loads((data_dir / pipeline.MANIFEST).read_text())

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from zagreus.errors import UserError
 from zagreus.eval import run
-from zagreus.eval.registry import display_name, report_metric
+from zagreus.eval.registry import check_task_names, display_name, report_metric
 from zagreus.eval.tables import mean, write_tables
+from zagreus.rundir import list_checkpoints as complete_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,6 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, folder) of the run's complete checkpoints, by step; UserError when there are none."""
-    from zagreus.rundir import list_checkpoints as complete_checkpoints
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
@@ -56,8 +55,6 @@ def evaluate_run(run_dir: Path, tasks: list[str], num_fewshot: int | dict[str, i
                  device: str | None = None) -> tuple[list[int], list[Path]]:
     """Evaluate the checkpoints not yet evaluated; (steps evaluated now, files written)."""
     from tqdm import tqdm
-
-    from zagreus.eval.registry import check_task_names
 
     if not tasks:
         raise UserError("no tasks given; pass --tasks T1,T2 or set eval.tasks in the recipe")

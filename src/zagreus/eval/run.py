@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from zagreus import __version__
 from zagreus.errors import UserError
+from zagreus.eval.registry import check_task_names, local_task_names, offline_alternative, report_metric, task_manager, task_specs
 
 log = logging.getLogger(__name__)
 
 
 def _task_entry(task: str, metrics: dict[str, Any], n_samples: int | None, num_fewshot: int | None) -> dict:
-    from zagreus.eval.registry import report_metric
-
     values = {k.split(",")[0]: v for k, v in metrics.items()
               if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
     metric = report_metric(task)
@@ -45,11 +45,9 @@ def run_tasks(lm, tasks: list[str], num_fewshot: int | dict[str, int] | None = N
 
     num_fewshot: one number for every task, or a per-task mapping (tasks not named use their default).
     """
-    from zagreus.eval.registry import local_task_names, task_manager, task_specs
-
     _quiet_offline(all(t in local_task_names() for t in tasks))
     specs = task_specs(tasks, data_dir)
-    from lm_eval import simple_evaluate
+    from lm_eval import simple_evaluate  # after the offline switches above: datasets reads them on import
 
     groups: dict[int | None, list] = {}
     for name, spec in zip(tasks, specs):
@@ -72,8 +70,6 @@ def run_tasks(lm, tasks: list[str], num_fewshot: int | dict[str, int] | None = N
 
 
 def _offline_hint(group: list, exc: Exception) -> str:
-    from zagreus.eval.registry import offline_alternative
-
     hub = [t for t in group if isinstance(t, str)]
     swaps = [f"{t} -> {alt}" for t in hub if (alt := offline_alternative(t))]
     hint = f"; offline, use the shipped tasks with --data-dir ({', '.join(swaps)})" if swaps else ""
@@ -84,9 +80,7 @@ def evaluate(model: str | Path, tasks: list[str], num_fewshot: int | dict[str, i
              limit: int | float | None = None, batch_size: int = 16, data_dir: str | Path | None = None,
              device: str | None = None) -> dict:
     """Results dict for a model folder (export, checkpoint or run dir) on the named tasks."""
-    from zagreus import __version__
-    from zagreus.eval.lm import make_lm
-    from zagreus.eval.registry import check_task_names
+    from zagreus.eval.lm import make_lm  # imports lm-eval (seconds): `zagreus compare` and results I/O need none of it
 
     if not tasks:
         raise UserError("no tasks given; pass --tasks T1,T2 (e.g. zagreus_arc_it) or set eval.tasks in the recipe")
@@ -115,7 +109,7 @@ def quick_mc_eval(model, tokenizer, task: str = "zagreus_arc_it", limit: int | N
     eval mode and back to train mode if it was training. Runs on the model's device, in
     the process: no export, no reload.
     """
-    from zagreus.eval.lm import make_lm
+    from zagreus.eval.lm import make_lm  # lm-eval, as in evaluate()
 
     was_training = model.training
     try:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zagreus.errors import UserError
+from zagreus.recipe import load_recipe
+from zagreus.train.parallel import ParallelDims
 
 RDZV_PORT = 29500
 _TIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
@@ -52,9 +54,6 @@ def default_setup() -> str | None:
 
 def check_layout(recipe_path: Path, job: SlurmJob) -> None:
     """The recipe's parallel degrees must fit nodes x GPUs now, not after hours in the queue."""
-    from zagreus.recipe import load_recipe
-    from zagreus.train.parallel import ParallelDims
-
     recipe = load_recipe(recipe_path)
     p = recipe.pretrain.parallel
     dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size=job.nodes * job.gpus_per_node)
@@ -130,8 +129,6 @@ exit "$status"
 
 def write_sbatch(recipe_path: Path, job: SlurmJob, out: Path | None = None) -> Path:
     """Check the layout, write <run>/slurm/pretrain.sbatch (or `out`) and return its path."""
-    from zagreus.recipe import load_recipe
-
     check_layout(recipe_path, job)
     recipe = load_recipe(recipe_path)
     workdir = Path.cwd()
