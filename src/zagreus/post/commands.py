@@ -9,33 +9,31 @@ from pathlib import Path
 
 import typer
 
-STOPPED = "{stage} stopped by SIGTERM after saving a checkpoint; run the same command to resume"
+FORCE_HELP = "start over, even if runs/<name>/{stage} is finished"
 
 
-def sft(recipe: Path = typer.Argument(..., help="YAML recipe with an sft: section"),
-        force: bool = typer.Option(False, "--force", help="start over, even if runs/<name>/sft is finished")) -> None:
-    """Supervised fine-tuning on chat data (assistant-only loss, packing); writes runs/<name>/sft/export."""
+def _run_stage(stage: str, recipe: Path, force: bool) -> None:
+    from zagreus.post.dpo import run_dpo
     from zagreus.post.sft import run_sft
     from zagreus.recipe import load_recipe
 
-    out = run_sft(load_recipe(recipe), force=force)
+    out = {"sft": run_sft, "dpo": run_dpo}[stage](load_recipe(recipe), force=force)
     if out is None:
-        typer.echo(STOPPED.format(stage="sft"), err=True)
+        typer.echo(f"{stage} stopped by SIGTERM after saving a checkpoint; run the same command to resume", err=True)
         raise typer.Exit(143)
-    typer.echo(f"sft: wrote {out}")
+    typer.echo(f"{stage}: wrote {out}")
+
+
+def sft(recipe: Path = typer.Argument(..., help="YAML recipe with an sft: section"),
+        force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(stage="sft"))) -> None:
+    """Supervised fine-tuning on chat data (assistant-only loss, packing); writes runs/<name>/sft/export."""
+    _run_stage("sft", recipe, force)
 
 
 def dpo(recipe: Path = typer.Argument(..., help="YAML recipe with a dpo: section"),
-        force: bool = typer.Option(False, "--force", help="start over, even if runs/<name>/dpo is finished")) -> None:
+        force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(stage="dpo"))) -> None:
     """Direct Preference Optimization (sigmoid loss) on prompt/chosen/rejected; writes runs/<name>/dpo/export."""
-    from zagreus.post.dpo import run_dpo
-    from zagreus.recipe import load_recipe
-
-    out = run_dpo(load_recipe(recipe), force=force)
-    if out is None:
-        typer.echo(STOPPED.format(stage="dpo"), err=True)
-        raise typer.Exit(143)
-    typer.echo(f"dpo: wrote {out}")
+    _run_stage("dpo", recipe, force)
 
 
 def register(app: typer.Typer) -> None:

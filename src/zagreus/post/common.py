@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import shutil
 from dataclasses import dataclass
@@ -74,13 +75,6 @@ def open_init(init: str | None, recipe, default: Path, what: str, device: torch.
     return model, tok, path
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The order rows (or pairs) are visited in during `epoch`: a function of the seed alone, so resume needs only the step."""
-    order = list(range(n))
-    random.Random(seed * 1000 + epoch).shuffle(order)
-    return order
-
-
 def pad_id(tokenizer) -> int:
     for name in ("<|finetune_right_pad_id|>", "<|pad|>"):
         if name in tokenizer.special_tokens:
@@ -121,6 +115,34 @@ def export(model, tokenizer, out_dir: Path, template: str, metadata: dict) -> Pa
     if old.exists():
         shutil.rmtree(old)
     return out_dir
+
+
+class EpochTask(Task):
+    """A post-training task over a fixed list of examples (rows or pairs), `per_step` of them per optimizer
+    step, in an order shuffled per epoch from the seed alone: the data position to save is the step itself."""
+
+    def __init__(self, stage: str, items: list, what: str, per_step: int, seed: int):
+        self.stage, self.items, self.what, self.per_step, self.seed = stage, items, what, per_step, seed
+        self.steps_per_epoch = math.ceil(len(items) / per_step)
+        self._epoch, self._order = -1, []
+
+    def picked(self, step: int) -> tuple[int, list[int]]:
+        """(epoch, indices of the items) of optimizer step `step`."""
+        epoch, s = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._order = list(range(len(self.items)))
+            random.Random(self.seed * 1000 + epoch).shuffle(self._order)
+            self._epoch = epoch
+        return epoch, self._order[s * self.per_step : (s + 1) * self.per_step]
+
+    def state(self) -> dict:
+        return {self.what: len(self.items)}
+
+    def restore(self, meta: dict) -> None:
+        if meta.get(self.what) != len(self.items):
+            raise UserError(f"{self.stage}: the checkpoint was trained on {meta.get(self.what)} {self.what} but the "
+                            f"data now gives {len(self.items)}; the datasets or {self.stage}.seq_len changed. "
+                            f"Pass --force to start over")
 
 
 @dataclass

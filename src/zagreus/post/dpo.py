@@ -17,10 +17,8 @@ not the half-trained one's. Output: runs/<name>/dpo/export/, metrics.jsonl, summ
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -31,7 +29,7 @@ from zagreus.devices import autocast
 from zagreus.errors import UserError
 from zagreus.post.chat import render
 from zagreus.post.common import (
-    IGNORE, Sequence, StageStart, epoch_order, open_stage, pad_id, padded_batch, to_sequence, tokenization_report,
+    IGNORE, EpochTask, Sequence, StageStart, open_stage, pad_id, padded_batch, to_sequence, tokenization_report,
     train_stage,
 )
 from zagreus.rundir import RunDir
@@ -137,24 +135,21 @@ def stored_reference(start: StageStart, pairs: list[Pair], pad: int, chunk: int)
     return ref
 
 
-class DPOTask(Task):
+class DPOTask(EpochTask):
     """One DPO step: micro-batches of pairs (chosen and rejected in one forward); the mean loss over the step's pairs."""
 
     unit = "pairs"
 
     def __init__(self, model, pairs: list[Pair], ref: torch.Tensor, sec, pad: int, device: torch.device, chunk: int):
-        self.model, self.pairs, self.ref, self.sec, self.pad, self.device, self.chunk = model, pairs, ref, sec, pad, device, chunk
-        self.per_step = sec.micro_batch * sec.grad_accum
-        self.steps_per_epoch = math.ceil(len(pairs) / self.per_step)
-        self._order = lru_cache(maxsize=2)(lambda epoch: epoch_order(len(pairs), sec.seed, epoch))
+        super().__init__("dpo", pairs, "pairs", sec.micro_batch * sec.grad_accum, sec.seed)
+        self.model, self.ref, self.sec, self.pad, self.device, self.chunk = model, ref, sec, pad, device, chunk
 
     def step(self, step: int) -> StepResult:
-        epoch, s = divmod(step, self.steps_per_epoch)
-        idx = self._order(epoch)[s * self.per_step : (s + 1) * self.per_step]
+        epoch, idx = self.picked(step)
         losses, chosen_r, rejected_r = [], [], []
         for m in range(0, len(idx), self.sec.micro_batch):
             mb = idx[m : m + self.sec.micro_batch]
-            tokens, labels = pair_batch([self.pairs[i] for i in mb], self.pad, self.device)
+            tokens, labels = pair_batch([self.items[i] for i in mb], self.pad, self.device)
             with autocast(self.device):
                 lp = sequence_logprobs(self.model, tokens, labels, self.chunk)
             n = len(mb)
@@ -169,14 +164,6 @@ class DPOTask(Task):
         return StepResult(torch.cat(losses).mean(), len(idx), {
             "epoch": epoch, "rewards_chosen": float(cr_all.mean()), "rewards_rejected": float(rr_all.mean()),
             "margins": float((cr_all - rr_all).mean()), "accuracy": float((cr_all > rr_all).float().mean())})
-
-    def state(self) -> dict:
-        return {"pairs": len(self.pairs)}
-
-    def restore(self, meta: dict) -> None:
-        if meta.get("pairs") != len(self.pairs):
-            raise UserError(f"dpo: the checkpoint was trained on {meta.get('pairs')} pairs but the data now gives "
-                            f"{len(self.pairs)}; the datasets or dpo.seq_len changed. Pass --force to start over")
 
 
 FINAL_KEYS = ("loss", "rewards_chosen", "rewards_rejected", "margins", "accuracy")

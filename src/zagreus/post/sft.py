@@ -18,10 +18,8 @@ steps, final loss). A finished stage is skipped unless forced.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -31,7 +29,7 @@ from zagreus.errors import UserError
 from zagreus.post.chat import render
 from zagreus.rundir import RunDir
 from zagreus.post.common import (
-    IGNORE, Sequence, epoch_order, open_stage, pad_id, padded_batch, to_sequence, tokenization_report, train_stage,
+    IGNORE, EpochTask, Sequence, open_stage, pad_id, padded_batch, to_sequence, tokenization_report, train_stage,
 )
 from zagreus.train.losses import chunked_cross_entropy
 from zagreus.train.trainer import StepResult, Task
@@ -130,20 +128,18 @@ def build_rows(seqs: list[Sequence], seq_len: int, packing: bool, seed: int) -> 
     return [[seqs[order[j]] for j in row] for row in rows]
 
 
-class SFTTask(Task):
+class SFTTask(EpochTask):
     """One SFT step: micro-batches of rows; the loss is the mean over the step's trained tokens."""
 
     unit = "tokens"
 
     def __init__(self, model, rows: list[list[Sequence]], sec, pad: int, device: torch.device, chunk: int):
-        self.model, self.rows, self.sec, self.pad, self.device, self.chunk = model, rows, sec, pad, device, chunk
-        self.per_step = sec.micro_batch * sec.grad_accum
-        self.steps_per_epoch = math.ceil(len(rows) / self.per_step)
-        self._order = lru_cache(maxsize=2)(lambda epoch: epoch_order(len(rows), sec.seed, epoch))
+        super().__init__("sft", rows, "rows", sec.micro_batch * sec.grad_accum, sec.seed)
+        self.model, self.sec, self.pad, self.device, self.chunk = model, sec, pad, device, chunk
 
     def step(self, step: int) -> StepResult:
-        epoch, s = divmod(step, self.steps_per_epoch)
-        picked = [self.rows[i] for i in self._order(epoch)[s * self.per_step : (s + 1) * self.per_step]]
+        epoch, idx = self.picked(step)
+        picked = [self.items[i] for i in idx]
         micro = [make_batch(picked[i : i + self.sec.micro_batch], self.pad, self.device, self.sec.packing)
                  for i in range(0, len(picked), self.sec.micro_batch)]
         n_trained = sum(b.trained_tokens for b in micro)
@@ -156,14 +152,6 @@ class SFTTask(Task):
             total += loss_sum.detach().double().cpu()
         return StepResult(total / n_trained, sum(b.tokens.numel() for b in micro),
                           {"epoch": epoch, "trained_tokens": n_trained})
-
-    def state(self) -> dict:
-        return {"rows": len(self.rows)}
-
-    def restore(self, meta: dict) -> None:
-        if meta.get("rows") != len(self.rows):
-            raise UserError(f"sft: the checkpoint was trained on {meta.get('rows')} rows but the data now gives "
-                            f"{len(self.rows)}; the datasets or sft.seq_len changed. Pass --force to start over")
 
 
 def run_sft(recipe, force: bool = False) -> Path | None:
