@@ -43,7 +43,7 @@ from zagreus.errors import UserError
 from zagreus.model.config import ModelConfig
 from zagreus.model.hf import load_hf
 from zagreus.model.llama import Transformer, build_model
-from zagreus.rundir import META, is_checkpoint, is_export, list_checkpoints, read_meta, resolve_checkpoint, step_name
+from zagreus.rundir import META, enclosing_run, is_checkpoint, list_checkpoints, locate, read_meta, resolve_checkpoint, step_name
 from zagreus.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -161,14 +161,15 @@ def load_checkpoint(checkpoint: str | Path, model: nn.Module, optimizer: torch.o
 
 
 def _find_tokenizer(checkpoint: Path, meta: dict) -> Path:
+    """The folder meta.json records (relative to the checkpoint), else the enclosing run's tokenizer/."""
     recorded = meta.get("tokenizer_dir")
     if recorded and (checkpoint / recorded).is_dir():
         return checkpoint / recorded
-    for parent in checkpoint.resolve().parents:
-        if (parent / "tokenizer" / "tokenizer.json").is_file():
-            return parent / "tokenizer"
+    run = enclosing_run(checkpoint)
+    if run is not None and (run.tokenizer / "tokenizer.json").is_file():
+        return run.tokenizer
     raise UserError(f"{checkpoint}: cannot find the tokenizer folder of this checkpoint "
-                    f"(meta.json tokenizer_dir={recorded!r}, and no tokenizer/ in a parent folder)")
+                    f"(meta.json tokenizer_dir={recorded!r}, and no run directory with a tokenizer/ around it)")
 
 
 def load_checkpoint_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, Tokenizer]:
@@ -186,9 +187,7 @@ def load_checkpoint_model(path: str | Path, device: str = "cpu") -> tuple[Transf
 
 def load_model_and_tokenizer(path: str | Path, device: str = "cpu") -> tuple[Transformer, Tokenizer]:
     """(Transformer, Tokenizer) from a Hugging Face export folder, a zagreus checkpoint or a run directory."""
-    path = Path(path)
-    if is_export(path):
-        return load_hf(path, device=device), load_tokenizer(str(path))
-    if is_checkpoint(path) or (path / "checkpoints").is_dir():
-        return load_checkpoint_model(path, device=device)
-    raise UserError(f"{path}: neither an export folder (config.json) nor a checkpoint (meta.json) nor a run directory")
+    found = locate(path)
+    if found.kind == "export":
+        return load_hf(found.path, device=device), load_tokenizer(str(found.path))
+    return load_checkpoint_model(found.path, device=device)

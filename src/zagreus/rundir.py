@@ -130,8 +130,10 @@ class RunDir:
         """The cached lm-eval results of a checkpoint: eval/<its folder name>.json."""
         return self.eval / f"{Path(checkpoint).name}.json"
 
-    def progression(self, suffix: str = "md") -> Path:
-        return self.eval / f"progression.{suffix}"
+    def progression(self, suffix: str | None = "md") -> Path:
+        """eval/progression.<suffix>: md, csv or png (None: the stem the table writer adds suffixes to)."""
+        stem = self.eval / "progression"
+        return stem if suffix is None else stem.with_suffix(f".{suffix}")
 
     def list_checkpoints(self) -> list[tuple[int, Path]]:
         return list_checkpoints(self.checkpoints)

@@ -17,6 +17,7 @@ from zagreus.data import pipeline, shards
 from zagreus.data.filters import LanguageFilter
 from zagreus.errors import UserError
 from zagreus.recipe import DataSection, Recipe, TokenizerSection
+from zagreus.rundir import RunDir
 from zagreus.tokenizer import load_tokenizer, train_bpe
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,8 @@ def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection
 def tokenize_recipe(recipe: Recipe, dry_run: bool = False, show_progress: bool = True) -> dict | list[str]:
     if recipe.data is None:
         raise UserError(f"{recipe.source_path}: the recipe has no 'data:' section to tokenize")
-    run = recipe.run_path()
-    return tokenize_data(recipe.data, run / "data", recipe.tokenizer, tokenizer_dir=run / "tokenizer",
+    run = RunDir(recipe.run_path())
+    return tokenize_data(recipe.data, run.data, recipe.tokenizer, tokenizer_dir=run.tokenizer,
                          resolve=lambda p: recipe.resolve_path(p), dry_run=dry_run, show_progress=show_progress)
 
 

@@ -10,18 +10,15 @@ row per checkpoint, one column per task named with its metric as in the report
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 from zagreus.errors import UserError
 from zagreus.eval import run
 from zagreus.eval.registry import check_task_names, display_name, report_metric
 from zagreus.eval.tables import mean, write_tables
-from zagreus.rundir import list_checkpoints as complete_checkpoints
+from zagreus.rundir import STEP_DIR, RunDir
 
 log = logging.getLogger(__name__)
-
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -29,7 +26,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
-    found = complete_checkpoints(run_dir)
+    found = RunDir(run_dir).list_checkpoints()
     if not found:
         raise UserError(f"{run_dir}: no checkpoints (expected {run_dir / 'checkpoints'}/step-N folders with meta.json); "
                         f"run `zagreus pretrain` first or pass a model folder without --every-checkpoint")
@@ -60,10 +57,10 @@ def evaluate_run(run_dir: Path, tasks: list[str], num_fewshot: int | dict[str, i
         raise UserError("no tasks given; pass --tasks T1,T2 or set eval.tasks in the recipe")
     check_task_names(tasks)
     checkpoints = list_checkpoints(run_dir)
-    eval_dir = Path(run_dir) / "eval"
+    layout = RunDir(Path(run_dir))
     evaluated = []
     for step, folder in tqdm(checkpoints, desc="checkpoints", unit="ckpt"):
-        cache_path = eval_dir / f"{folder.name}.json"
+        cache_path = layout.eval_result(folder)
         cache = run.read_results(cache_path) if cache_path.is_file() else {"step": step, "tasks": {}}
         todo = [t for t in tasks if t not in _cached_tasks(cache, tasks, num_fewshot, limit)]
         if not todo:
@@ -78,7 +75,7 @@ def evaluate_run(run_dir: Path, tasks: list[str], num_fewshot: int | dict[str, i
                      zagreus_version=result["zagreus_version"])
         run.write_results(cache, cache_path)
         evaluated.append(step)
-    return evaluated, write_progression(eval_dir, tasks)
+    return evaluated, write_progression(layout, tasks)
 
 
 def _score(entry: dict, task: str) -> float | None:
@@ -90,11 +87,11 @@ def _column(task: str) -> str:
     return f"{display_name(task)} ({report_metric(task)})"
 
 
-def write_progression(eval_dir: Path, tasks: list[str]) -> list[Path]:
-    """progression.md/.csv/.png in eval_dir from every cached step-N.json."""
+def write_progression(layout: RunDir, tasks: list[str]) -> list[Path]:
+    """eval/progression.md/.csv/.png from every cached eval/step-N.json."""
     rows = []
-    for path in sorted(eval_dir.glob("step-*.json")):
-        m = _STEP_DIR.match(path.stem)
+    for path in sorted(layout.eval.glob("step-*.json")):
+        m = STEP_DIR.match(path.stem)
         if not m:
             continue
         cached = run.read_results(path)["tasks"]
@@ -103,9 +100,9 @@ def write_progression(eval_dir: Path, tasks: list[str]) -> list[Path]:
     rows.sort()
     headers = ["checkpoint", *(_column(t) for t in tasks), "average"]
     table = [[f"step-{step}", *scores, mean(scores)] for step, scores in rows]
-    files = write_tables(eval_dir / "progression", headers, table,
+    files = write_tables(layout.progression(None), headers, table,
                          title=f"Checkpoint progression. Metrics: {', '.join(_column(t) for t in tasks)}.")
-    files.append(_plot(eval_dir / "progression.png", rows, tasks))
+    files.append(_plot(layout.progression("png"), rows, tasks))
     return files
 
 

@@ -410,8 +410,6 @@ class Engine:
 def open_engine(path: str | Path, template: str | None = None, name: str | None = None, device: str = "cpu",
                 max_active: int = 16, batch: bool = False) -> Engine:
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such model; pass an export folder, a checkpoint or a run directory")
-    model, tokenizer = load_model_and_tokenizer(path, device=device)
+    model, tokenizer = load_model_and_tokenizer(path, device=device)  # a missing path is one clear UserError there
     return Engine(model, tokenizer, template_of(path, template), name or path.resolve().name, max_active=max_active,
                   batch=batch)
