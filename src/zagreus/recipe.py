@@ -201,11 +201,15 @@ class PretrainSection(Strict):
 
 
 # --- evaluation -----------------------------------------------------------------------------
+# The one default of every evaluation entry point (recipe, CLI, lm-eval's model_args, the pretraining quick eval).
+EVAL_BATCH_SIZE = 16
+
+
 class EvalSection(Strict):
     tasks: list[str] = Field(default_factory=list, description="lm-eval tasks, or the offline zagreus_* ones")
     num_fewshot: dict[str, int] = Field(default_factory=dict, description="per task, e.g. {m_mmlu_it: 5}")
     limit: int | None = Field(None, ge=1, description="items per task; None evaluates all")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(EVAL_BATCH_SIZE, ge=1, description="scoring packs batch_size x 256 tokens per forward")
     data_dir: str | None = Field(None, description="folder with the files of the offline zagreus_* tasks")
     quick_task: str | None = Field(None, description="multiple-choice task for zagreus.eval.run.quick_mc_eval "
                                                      "during pretraining (every pretrain.eval_every steps)")

@@ -46,6 +46,8 @@ def evaluate(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default cpu)"),
 ) -> None:
     """Evaluate a model (or every checkpoint of a run) with lm-evaluation-harness, in process."""
+    from zagreus.recipe import EVAL_BATCH_SIZE
+
     defaults = _recipe_defaults(model)
     task_list = _split(tasks) or defaults.get("tasks") or []
     if not task_list:
@@ -54,7 +56,7 @@ def evaluate(
     lim = limit if limit is not None else defaults.get("limit")
     if lim is not None and lim >= 1:
         lim = int(lim)
-    bs = batch_size or defaults.get("batch_size") or 16
+    bs = batch_size or defaults.get("batch_size") or EVAL_BATCH_SIZE
     ddir = data_dir or defaults.get("data_dir")
     if every_checkpoint:
         from zagreus.eval.progression import evaluate_run

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from zagreus.checkpoint import load_model_and_tokenizer
 from zagreus.eval.scorer import score_pairs
 from zagreus.model.generate import Decoder, Sampler, SamplingParams, token_budget
+from zagreus.recipe import EVAL_BATCH_SIZE
 from zagreus.tokenizer import BOS
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class ZagreusLM(TemplateLM):
     """
 
     def __init__(self, pretrained: str | Path | None = None, model=None, tokenizer=None,
-                 batch_size: int | str = 16, device: str | None = None, max_length: int | None = None,
+                 batch_size: int | str = EVAL_BATCH_SIZE, device: str | None = None, max_length: int | None = None,
                  **kwargs) -> None:
         super().__init__()
         if model is None:
@@ -52,7 +53,7 @@ class ZagreusLM(TemplateLM):
         self.zt = tokenizer
         self._device = next(model.parameters()).device
         self._max_length = int(max_length or model.cfg.max_seq_len)
-        bs = 16 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
+        bs = EVAL_BATCH_SIZE if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
         self.batch_tokens = max(256, bs * 256)
         self.gen_batch = bs
         # As the export's generation_config: end of text, and end of turn for chat models.
@@ -174,7 +175,7 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams, unti
         logits = decoder.step(feed)
 
 
-def make_lm(model_or_path, tokenizer=None, batch_size: int = 16, device: str | None = None) -> ZagreusLM:
+def make_lm(model_or_path, tokenizer=None, batch_size: int = EVAL_BATCH_SIZE, device: str | None = None) -> ZagreusLM:
     """A ZagreusLM from a path or from an in-memory (model, tokenizer)."""
     if isinstance(model_or_path, (str, Path)):
         return ZagreusLM(pretrained=str(model_or_path), batch_size=batch_size, device=device)

@@ -16,6 +16,7 @@ from zagreus.errors import UserError
 from zagreus.eval import run
 from zagreus.eval.registry import check_task_names, display_name, report_metric
 from zagreus.eval.tables import mean, write_tables
+from zagreus.recipe import EVAL_BATCH_SIZE
 from zagreus.rundir import STEP_DIR, RunDir
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def _cached_tasks(cache: dict, tasks: list[str], num_fewshot, limit) -> set[str]
 
 
 def evaluate_run(run_dir: Path, tasks: list[str], num_fewshot: int | dict[str, int] | None = None,
-                 limit: int | float | None = None, batch_size: int = 16, data_dir: str | Path | None = None,
+                 limit: int | float | None = None, batch_size: int = EVAL_BATCH_SIZE, data_dir: str | Path | None = None,
                  device: str | None = None) -> tuple[list[int], list[Path]]:
     """Evaluate the checkpoints not yet evaluated; (steps evaluated now, files written)."""
     from tqdm import tqdm

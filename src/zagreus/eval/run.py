@@ -18,6 +18,7 @@ from typing import Any
 from zagreus import __version__
 from zagreus.errors import UserError
 from zagreus.eval.registry import check_task_names, local_task_names, offline_alternative, report_metric, task_manager, task_specs
+from zagreus.recipe import EVAL_BATCH_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _offline_hint(group: list, exc: Exception) -> str:
 
 
 def evaluate(model: str | Path, tasks: list[str], num_fewshot: int | dict[str, int] | None = None,
-             limit: int | float | None = None, batch_size: int = 16, data_dir: str | Path | None = None,
+             limit: int | float | None = None, batch_size: int = EVAL_BATCH_SIZE, data_dir: str | Path | None = None,
              device: str | None = None) -> dict:
     """Results dict for a model folder (export, checkpoint or run dir) on the named tasks."""
     from zagreus.eval.lm import make_lm  # imports lm-eval (seconds): `zagreus compare` and results I/O need none of it
@@ -102,7 +103,7 @@ def _lm_eval_version() -> str:
 
 
 def quick_mc_eval(model, tokenizer, task: str = "zagreus_arc_it", limit: int | None = 200,
-                  data_dir: str | Path | None = None, num_fewshot: int = 0, batch_size: int = 16) -> dict[str, float]:
+                  data_dir: str | Path | None = None, num_fewshot: int = 0, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:
     """A multiple-choice score for the model in memory, e.g. every N pretraining steps.
 
     Returns lm-eval's metrics for the task ({'acc': .., 'acc_norm': ..}). Puts the model in
