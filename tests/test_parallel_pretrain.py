@@ -10,7 +10,7 @@ and a small tokenized handbook sample:
   tp=2 gives the 4th step's loss of the uninterrupted run, and `zagreus export` of the tp=2
   checkpoint gives the single-process model's logits in transformers.
 
-The optimizer's eps is 1e-6, not the report's 1e-8: Adam's update g / (sqrt(v) + eps)
+The optimizer's eps is 1e-6, not the 1e-8 of the authors' Nanotron config (github.com/mii-llm/zagreus-nesso-slm README): Adam's update g / (sqrt(v) + eps)
 amplifies float rounding of a gradient whose size is near eps (seen here: one o_proj element
 with gradient -4e-9 moved by 5.6e-5 between two summation orders, whatever the layout), and
 the comparison is about parallelism, not about the conditioning of that element.
