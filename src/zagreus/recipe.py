@@ -20,6 +20,13 @@ from zagreus.errors import UserError
 from zagreus.model.config import ModelConfig, resolve_model_config
 
 
+def as_paths(path: str | list[str] | None) -> list[str]:
+    """A `path:` key (one path or glob, a list of them, or none) as a list."""
+    if path is None:
+        return []
+    return [path] if isinstance(path, str) else list(path)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -66,9 +73,7 @@ class Source(Strict):
         return self
 
     def paths(self) -> list[str]:
-        if self.path is None:
-            return []
-        return [self.path] if isinstance(self.path, str) else list(self.path)
+        return as_paths(self.path)
 
 
 class MinHashSection(Strict):
@@ -233,9 +238,7 @@ class ChatDataset(Strict):
         return self
 
     def paths(self) -> list[str]:
-        if self.path is None:
-            return []
-        return [self.path] if isinstance(self.path, str) else list(self.path)
+        return as_paths(self.path)
 
 
 class SFTSection(Strict):
