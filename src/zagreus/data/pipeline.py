@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -42,8 +42,8 @@ from zagreus.data import shards
 from zagreus.data.filters import LanguageFilter, MinHasher, NearDupIndex, is_validation, length_ok, quality_reason, text_digest
 from zagreus.data.sources import Doc, Skip, WorkUnit, input_signature, plan_source, read_unit
 from zagreus.errors import UserError
-from zagreus.recipe import DataSection, Source
-from zagreus.tokenizer import load_tokenizer
+from zagreus.recipe import DataSection, FiltersSection, Source
+from zagreus.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ MANIFEST = "manifest.json"
 BATCH_CHARS = 8 << 20        # characters per tokenizer batch: large batches keep tiktoken's threads busy
 BAD_EXAMPLES = 5             # file:line cases shown in the warning
 BUDGET_MARGIN = 1.25         # workers skip units once earlier ones hold this much of the budget
+REMOVALS = ("length", "language", "quality", "exact_dedup", "minhash_dedup", "budget")  # manifest order
 
 
 @dataclass
@@ -179,107 +180,137 @@ class UnitProcessor:
         return ((budget is not None and tokens >= budget * BUDGET_MARGIN)
                 or (max_docs is not None and docs >= max_docs * BUDGET_MARGIN))
 
-    def process(self, unit: WorkUnit, progress: Callable[[int, int, int], None] | None = None) -> None:
-        source = self.plan.source(unit.source)
+    def _kept_texts(self, unit: WorkUnit, source: Source, tally: _UnitTally) -> Iterator[str]:
+        """The unit's documents that pass the length, language and quality filters; the rest go to `tally`."""
         f = self.plan.data.filters
         lang = self._language_filter(source)
         prose = not source.code and not source.stdlib
-        skipped: Counter = Counter()
-        removed: dict[str, list[int]] = {}
-        rules: Counter = Counter()
-        bad: list[str] = []
-        read_docs = read_chars = 0
-        tokens: list[np.ndarray] = []
-        lengths: list[int] = []
-        chars: list[int] = []
-        keys: list[int] = []
-        val: list[bool] = []
-        sigs: list[np.ndarray] = []
-        batch: list[str] = []
-        batch_chars = 0
-        bos = [self.tok.bos_id] if self.plan.data.add_bos else []
-        eos = [self.tok.eos_id] if self.plan.data.add_eos else []
-
-        def drop(name: str, text: str) -> None:
-            entry = removed.setdefault(name, [0, 0])
-            entry[0] += 1
-            entry[1] += len(text)
-
-        reported = 0
-        need_digest = f.dedup != "none" or self.plan.data.validation_fraction > 0
-
-        def flush() -> None:
-            nonlocal batch, batch_chars, reported
-            if not batch:
-                return
-            encoded = self.tok.encode_batch(batch) if self.threads > 1 else [self.tok.encode(t) for t in batch]
-            for text, ids in zip(batch, encoded):
-                arr = np.asarray(bos + ids + eos, dtype=self.dtype)
-                tokens.append(arr)
-                lengths.append(len(arr))
-                chars.append(len(text))
-                if need_digest:
-                    dkey, skey = text_digest(text)
-                    keys.append(dkey)
-                    val.append(is_validation(skey, self.plan.data.validation_fraction))
-                else:  # neither dedup nor a validation split: skip normalising and hashing
-                    keys.append(0)
-                    val.append(False)
-                if self.minhash is not None:
-                    sigs.append(self.minhash.signature(np.asarray(ids, dtype=np.uint64)))
-            if progress:  # characters stand in for bytes until the unit ends (see below)
-                step = min(batch_chars, max(0, unit.size - reported))
-                progress(len(batch), int(sum(lengths[-len(batch):])), step)
-                reported += step
-            batch, batch_chars = [], 0
-
         for item in read_unit(unit, source):
             if isinstance(item, Skip):
-                skipped[item.reason] += 1
-                if len(bad) < BAD_EXAMPLES:
-                    bad.append(f"{item.where} ({item.reason})")
+                tally.skip(item)
                 continue
             text = item.text
-            read_docs += 1
-            read_chars += len(text)
+            tally.read[0] += 1
+            tally.read[1] += len(text)
             if not length_ok(text, f.min_chars, f.max_chars):
-                drop("length", text)
-                continue
-            if lang is not None and not lang.keep(text):
-                drop("language", text)
-                continue
-            if prose and f.quality:
-                rule = quality_reason(text)
-                if rule is not None:
-                    drop("quality", text)
-                    rules[rule] += 1
-                    continue
-            batch.append(text)
-            batch_chars += len(text)
-            if batch_chars >= BATCH_CHARS:
-                flush()
-        flush()
+                tally.drop("length", text)
+            elif lang is not None and not lang.keep(text):
+                tally.drop("language", text)
+            elif prose and f.quality and (rule := quality_reason(text)) is not None:
+                tally.drop("quality", text)
+                tally.rules[rule] += 1
+            else:
+                yield text
+
+    def process(self, unit: WorkUnit, progress: Callable[[int, int, int], None] | None = None) -> None:
+        source = self.plan.source(unit.source)
+        tally = _UnitTally()
+        columns = _UnitColumns(self)
+        reported = 0
+        for batch in _batches(self._kept_texts(unit, source, tally)):
+            encoded = self.tok.encode_batch(batch) if self.threads > 1 else [self.tok.encode(t) for t in batch]
+            batch_tokens = sum(columns.add(text, ids) for text, ids in zip(batch, encoded))
+            if progress:  # characters stand in for bytes until the unit ends (see below)
+                step = min(sum(map(len, batch)), max(0, unit.size - reported))
+                progress(len(batch), batch_tokens, step)
+                reported += step
         if progress and unit.size > reported:
             progress(0, 0, unit.size - reported)  # the unit's bytes are all read now
-
-        ends = np.cumsum(np.asarray(lengths, dtype=np.uint64)) if lengths else np.zeros(0, np.uint64)
-        summary = {"unit": unit.index, "read": [read_docs, read_chars], "skipped": dict(sorted(skipped.items())),
-                   "removed": dict(sorted(removed.items())), "quality_rules": dict(sorted(rules.items())),
-                   "bad": bad, "docs": len(lengths), "tokens": int(ends[-1]) if len(ends) else 0}
-        path = self.plan.unit_path(unit)
-        _atomic_write(path.with_suffix(".json"), json.dumps(summary).encode())
-        tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, tokens=np.concatenate(tokens) if tokens else np.zeros(0, self.dtype), ends=ends,
-                 chars=np.asarray(chars, dtype=np.uint64), keys=np.asarray(keys, dtype=np.uint64),
-                 val=np.asarray(val, dtype=bool),
-                 sigs=np.stack(sigs) if sigs else np.zeros((0, 0), np.uint32))
-        os.replace(tmp, path)  # the unit's completion marker
+        columns.save(self.plan.unit_path(unit), {"unit": unit.index, **tally.summary()})
 
     def run_ranks(self, rank: int, world: int) -> None:
         """Round-robin share of a datatrove task: units rank, rank + world, ..."""
         for unit in self.plan.units[rank::world]:
             if not self.done(unit) and not self.over_budget(unit):
                 self.process(unit)
+
+
+def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
+    """`texts` in tokenizer batches of at least BATCH_CHARS characters (the last one may be shorter)."""
+    batch: list[str] = []
+    chars = 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+@dataclass
+class _UnitTally:
+    """What reading a unit skipped and its filters removed, as the unit's summary records it."""
+
+    read: list[int] = field(default_factory=lambda: [0, 0])          # docs, chars
+    skipped: Counter = field(default_factory=Counter)
+    removed: dict[str, list[int]] = field(default_factory=dict)     # filter -> [docs, chars]
+    rules: Counter = field(default_factory=Counter)                  # quality rule -> docs
+    bad: list[str] = field(default_factory=list)
+
+    def skip(self, item: Skip) -> None:
+        self.skipped[item.reason] += 1
+        if len(self.bad) < BAD_EXAMPLES:
+            self.bad.append(f"{item.where} ({item.reason})")
+
+    def drop(self, name: str, text: str) -> None:
+        entry = self.removed.setdefault(name, [0, 0])
+        entry[0] += 1
+        entry[1] += len(text)
+
+    def summary(self) -> dict:
+        return {"read": self.read, "skipped": dict(sorted(self.skipped.items())),
+                "removed": dict(sorted(self.removed.items())), "quality_rules": dict(sorted(self.rules.items())),
+                "bad": self.bad}
+
+
+class _UnitColumns:
+    """A unit's kept documents, column by column as its .npz stores them."""
+
+    def __init__(self, processor: UnitProcessor):
+        data = processor.plan.data
+        self.dtype, self.minhash = processor.dtype, processor.minhash
+        self.bos = [processor.tok.bos_id] if data.add_bos else []
+        self.eos = [processor.tok.eos_id] if data.add_eos else []
+        self.validation_fraction = data.validation_fraction
+        # neither dedup nor a validation split: skip normalising and hashing
+        self.digest = data.filters.dedup != "none" or data.validation_fraction > 0
+        self.tokens: list[np.ndarray] = []
+        self.lengths: list[int] = []
+        self.chars: list[int] = []
+        self.keys: list[int] = []
+        self.val: list[bool] = []
+        self.sigs: list[np.ndarray] = []
+
+    def add(self, text: str, ids: list[int]) -> int:
+        """Appends one document; returns its token count (BOS/EOS included)."""
+        arr = np.asarray(self.bos + ids + self.eos, dtype=self.dtype)
+        self.tokens.append(arr)
+        self.lengths.append(len(arr))
+        self.chars.append(len(text))
+        if self.digest:
+            dkey, skey = text_digest(text)
+            self.keys.append(dkey)
+            self.val.append(is_validation(skey, self.validation_fraction))
+        else:
+            self.keys.append(0)
+            self.val.append(False)
+        if self.minhash is not None:
+            self.sigs.append(self.minhash.signature(np.asarray(ids, dtype=np.uint64)))
+        return len(arr)
+
+    def save(self, path: Path, summary: dict) -> None:
+        """Writes the summary (with docs and tokens), then the .npz, whose rename marks the unit done."""
+        ends = np.cumsum(np.asarray(self.lengths, dtype=np.uint64)) if self.lengths else np.zeros(0, np.uint64)
+        summary = {**summary, "docs": len(self.lengths), "tokens": int(ends[-1]) if len(ends) else 0}
+        _atomic_write(path.with_suffix(".json"), json.dumps(summary).encode())
+        tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
+        np.savez(tmp, tokens=np.concatenate(self.tokens) if self.tokens else np.zeros(0, self.dtype), ends=ends,
+                 chars=np.asarray(self.chars, dtype=np.uint64), keys=np.asarray(self.keys, dtype=np.uint64),
+                 val=np.asarray(self.val, dtype=bool),
+                 sigs=np.stack(self.sigs) if self.sigs else np.zeros((0, 0), np.uint32))
+        os.replace(tmp, path)
 
 
 # --- phase 3: finalize ----------------------------------------------------------------------
@@ -324,93 +355,114 @@ def _add(counter: dict, name: str, docs: int, chars: int) -> None:
     entry["chars"] += chars
 
 
-def finalize(plan: Plan) -> dict:
-    """Dedup, budget, split and write shards + manifest from the unit files (processing missing units)."""
-    tok = load_tokenizer(plan.tokenizer)
+class _Dedup:
+    """The documents finalize has taken so far, across sources: exact keys and MinHash signatures."""
+
+    def __init__(self, filters: FiltersSection):
+        self.exact: set[int] | None = set() if filters.dedup != "none" else None
+        m = filters.minhash
+        self.near = NearDupIndex(m.num_perm, m.bands, m.threshold) if filters.dedup == "minhash" else None
+
+    def rule(self, key: int, sigs: np.ndarray, i: int) -> str | None:
+        """The rule by which document `i` (dedup key `key`, MinHash row `sigs[i]`) is a duplicate, or
+        None; a document that is not is remembered. `sigs` is empty without MinHash dedup."""
+        if self.exact is not None:
+            if key in self.exact:
+                return "exact_dedup"
+            self.exact.add(key)
+        if self.near is not None and self.near.check_add(sigs[i]):
+            return "minhash_dedup"
+        return None
+
+
+class _UnitFiles:
+    """The plan's unit files, processing here a unit that a worker skipped as past the budget
+    but that is needed after dedup."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.processor: UnitProcessor | None = None
+
+    def load(self, unit: WorkUnit) -> tuple[dict, dict[str, np.ndarray]]:
+        """The unit's summary and arrays."""
+        path = self.plan.unit_path(unit)
+        if not path.is_file():
+            self.processor = self.processor or UnitProcessor(self.plan)
+            self.processor.process(unit)
+        summary = json.loads(path.with_suffix(".json").read_text())
+        with np.load(path) as z:
+            return summary, {k: z[k] for k in ("tokens", "ends", "chars", "keys", "val", "sigs")}
+
+
+def _finalize_source(plan: Plan, source: Source, tok: Tokenizer, dedup: _Dedup,
+                     files: _UnitFiles) -> tuple[dict, Counter, list[str]]:
+    """Writes one source's shards from its units in plan order, until its budget or max_documents is
+    met; returns its manifest entry, its skipped-record counts and its bad-record examples."""
     data = plan.data
-    f = data.filters
-    for split in ("train", "val"):  # a killed finalize may have left shards; they are rewritten
-        shutil.rmtree(plan.data_dir / split, ignore_errors=True)
-    exact: set[int] = set()
-    near = NearDupIndex(f.minhash.num_perm, f.minhash.bands, f.minhash.threshold) if f.dedup == "minhash" else None
-    budgets = plan.budgets()
-    total_w = sum(s.weight for s in data.sources)
-    processor: UnitProcessor | None = None
-    manifest_sources: dict[str, dict] = {}
-    bad_all: list[str] = []
-    skipped_all: Counter = Counter()
+    units = [u for u in plan.units if u.source == source.name]
+    writers = {split: _SplitWriter(plan.data_dir / split / source.name, f"{split}/{source.name}", tok.name,
+                                   tok.vocab_size, data.shard_tokens) for split in ("train", "val")}
+    budget = plan.budgets()[source.name]
+    skipped: Counter = Counter()
+    removed: dict[str, dict] = {}
+    rules: Counter = Counter()
+    bad: list[str] = []
+    read = [0, 0]
+    taken_tokens = taken_docs = used = 0
 
-    for source in data.sources:
-        units = [u for u in plan.units if u.source == source.name]
-        writers = {split: _SplitWriter(plan.data_dir / split / source.name, f"{split}/{source.name}", tok.name,
-                                       tok.vocab_size, data.shard_tokens) for split in ("train", "val")}
-        budget = budgets[source.name]
-        skipped: Counter = Counter()
-        removed: dict[str, dict] = {}
-        rules: Counter = Counter()
-        read = [0, 0]
-        taken_tokens = taken_docs = used = 0
-        for unit in units:
-            if (budget is not None and taken_tokens >= budget) or (
-                    source.max_documents is not None and taken_docs >= source.max_documents):
-                break
-            if not plan.unit_path(unit).is_file():
-                processor = processor or UnitProcessor(plan)
-                processor.process(unit)  # skipped by a worker as past the budget, but needed after dedup
-            used += 1
-            summary = json.loads(plan.unit_path(unit).with_suffix(".json").read_text())
-            read[0] += summary["read"][0]
-            read[1] += summary["read"][1]
-            skipped.update(summary["skipped"])
-            rules.update(summary["quality_rules"])
-            for name, (d, c) in summary["removed"].items():
-                _add(removed, name, d, c)
-            bad_all += summary["bad"]
-            with np.load(plan.unit_path(unit)) as z:
-                toks, ends, chars, keys, val, sigs = (z[k] for k in ("tokens", "ends", "chars", "keys", "val", "sigs"))
-            starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
-            for i in range(len(ends)):
-                n_chars = int(chars[i])
-                full = (budget is not None and taken_tokens >= budget) or (
-                    source.max_documents is not None and taken_docs >= source.max_documents)
-                if full:
-                    _add(removed, "budget", 1, n_chars)
-                    continue
-                if f.dedup != "none":
-                    key = int(keys[i])
-                    if key in exact:
-                        _add(removed, "exact_dedup", 1, n_chars)
-                        continue
-                    exact.add(key)
-                if near is not None and near.check_add(sigs[i]):
-                    _add(removed, "minhash_dedup", 1, n_chars)
-                    continue
-                ids = toks[starts[i]:int(ends[i])]
-                writers["val" if val[i] else "train"].write(ids, n_chars)
-                taken_tokens += len(ids)
-                taken_docs += 1
-        for w in writers.values():
-            w.close()
-        skipped_all.update(skipped)
-        removed_out = {k: removed[k] for k in ("length", "language", "quality", "exact_dedup", "minhash_dedup", "budget")
-                       if k in removed}
-        if "quality" in removed_out:
-            removed_out["quality"]["rules"] = dict(sorted(rules.items()))
-        manifest_sources[source.name] = {
-            "origin": plan.origins[source.name],
-            "weight": source.weight / total_w,
-            "budget_tokens": budget,
-            "units": {"total": len(units), "used": used},
-            "read": {"docs": read[0], "chars": read[1]},
-            "skipped": dict(sorted(skipped.items())),
-            "filters": removed_out,
-            "train": writers["train"].summary(),
-            "val": writers["val"].summary(),
-        }
+    def full() -> bool:
+        return (budget is not None and taken_tokens >= budget) or (
+            source.max_documents is not None and taken_docs >= source.max_documents)
 
+    for unit in units:
+        if full():
+            break
+        used += 1
+        summary, z = files.load(unit)
+        read[0] += summary["read"][0]
+        read[1] += summary["read"][1]
+        skipped.update(summary["skipped"])
+        rules.update(summary["quality_rules"])
+        for name, (d, c) in summary["removed"].items():
+            _add(removed, name, d, c)
+        bad += summary["bad"]
+        ends = z["ends"]
+        starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+        for i in range(len(ends)):
+            n_chars = int(z["chars"][i])
+            rule = "budget" if full() else dedup.rule(int(z["keys"][i]), z["sigs"], i)
+            if rule is not None:
+                _add(removed, rule, 1, n_chars)
+                continue
+            ids = z["tokens"][starts[i]:int(ends[i])]
+            writers["val" if z["val"][i] else "train"].write(ids, n_chars)
+            taken_tokens += len(ids)
+            taken_docs += 1
+    for w in writers.values():
+        w.close()
+    filters = {k: removed[k] for k in REMOVALS if k in removed}
+    if "quality" in filters:
+        filters["quality"]["rules"] = dict(sorted(rules.items()))
+    entry = {
+        "origin": plan.origins[source.name],
+        "weight": source.weight / sum(s.weight for s in data.sources),
+        "budget_tokens": budget,
+        "units": {"total": len(units), "used": used},
+        "read": {"docs": read[0], "chars": read[1]},
+        "skipped": dict(sorted(skipped.items())),
+        "filters": filters,
+        "train": writers["train"].summary(),
+        "val": writers["val"].summary(),
+    }
+    return entry, skipped, bad
+
+
+def _write_manifest(plan: Plan, tok: Tokenizer, sources: dict[str, dict], skipped: Counter, bad: list[str]) -> dict:
+    """Writes the tokenizer identity, then manifest.json (atomically, last: it marks the folder done)."""
+    data = plan.data
     identity = tok.identity()
     shards.write_identity(plan.data_dir, identity)
-    totals = {split: {k: sum(s[split][k] for s in manifest_sources.values()) for k in ("docs", "chars", "tokens")}
+    totals = {split: {k: sum(s[split][k] for s in sources.values()) for k in ("docs", "chars", "tokens")}
               for split in ("train", "val")}
     manifest = {
         "format": "datatrove",
@@ -419,15 +471,32 @@ def finalize(plan: Plan) -> dict:
         "token_dtype": shards.token_dtype(tok.vocab_size).name,
         "policy": {"add_bos": data.add_bos, "add_eos": data.add_eos, "validation_fraction": data.validation_fraction,
                    "shard_tokens": data.shard_tokens, "tokens": data.tokens},
-        "filters": f.model_dump(mode="json"),
-        "totals": {**totals, "skipped": dict(sorted(skipped_all.items()))},
-        "skipped_examples": bad_all[:BAD_EXAMPLES],
-        "sources": manifest_sources,
+        "filters": data.filters.model_dump(mode="json"),
+        "totals": {**totals, "skipped": dict(sorted(skipped.items()))},
+        "skipped_examples": bad[:BAD_EXAMPLES],
+        "sources": sources,
     }
     _atomic_write(plan.data_dir / MANIFEST, (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode())
-    if skipped_all:
-        log.warning("skipped %d bad record(s) (%s); first: %s", sum(skipped_all.values()),
-                    ", ".join(f"{k}: {v}" for k, v in sorted(skipped_all.items())), "; ".join(bad_all[:BAD_EXAMPLES]))
+    return manifest
+
+
+def finalize(plan: Plan) -> dict:
+    """Dedup, budget, split and write shards + manifest from the unit files (processing missing units)."""
+    tok = load_tokenizer(plan.tokenizer)
+    for split in ("train", "val"):  # a killed finalize may have left shards; they are rewritten
+        shutil.rmtree(plan.data_dir / split, ignore_errors=True)
+    dedup, files = _Dedup(plan.data.filters), _UnitFiles(plan)
+    sources: dict[str, dict] = {}
+    skipped: Counter = Counter()
+    bad: list[str] = []
+    for source in plan.data.sources:  # in order: dedup keeps a document's first occurrence
+        sources[source.name], source_skipped, source_bad = _finalize_source(plan, source, tok, dedup, files)
+        skipped.update(source_skipped)
+        bad += source_bad
+    manifest = _write_manifest(plan, tok, sources, skipped, bad)
+    if skipped:
+        log.warning("skipped %d bad record(s) (%s); first: %s", sum(skipped.values()),
+                    ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())), "; ".join(bad[:BAD_EXAMPLES]))
     shutil.rmtree(plan.data_dir / ".work", ignore_errors=True)
     return manifest
 

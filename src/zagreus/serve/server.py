@@ -150,146 +150,167 @@ def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(engine: Engine) -> FastAPI:
-    """The FastAPI app serving `engine`."""
-    app = FastAPI(title="zagreus", description=f"OpenAI-compatible server for {engine.name}")
-    page = resources.files("zagreus.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
+class _Reply:
+    """The id, creation time and model that every object of one response carries."""
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+    def __init__(self, prefix: str, model: str) -> None:
+        self.id, self.created, self.model = f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time()), model
 
-    def check_model(req: _Sampling) -> None:
-        if req.model is not None and req.model != engine.name:
-            raise APIError(404, f"model '{req.model}' is not served here; this server serves '{engine.name}'",
+    def obj(self, kind: str, **fields: Any) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, **fields}
+
+
+def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    """`events` as server-sent events ending in [DONE]; an error once the stream has begun (its 200
+    is sent) becomes an error event."""
+
+    async def guarded() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        except APIError as exc:
+            yield _sse(exc.body())
+        yield _sse("[DONE]")
+
+    return StreamingResponse(guarded(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _tool_calls(text: str, reply: _Reply) -> tuple[str, list[dict]]:
+    content, calls = parse_tool_calls(text)
+    return content, openai_tool_calls(calls, reply.id[-8:])
+
+
+async def _chat_reply(gen: Generation, reply: _Reply) -> dict:
+    text = await gen.run()
+    content, calls = _tool_calls(text, reply)
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    finish = gen.finish_reason
+    if calls:
+        message = {"role": "assistant", "content": content or None, "tool_calls": calls}
+        finish = "tool_calls"
+    return reply.obj("chat.completion", choices=[{"index": 0, "message": message, "finish_reason": finish,
+                                                  "logprobs": None}], usage=gen.usage())
+
+
+async def _chat_events(gen: Generation, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        return _sse(reply.obj("chat.completion.chunk",
+                              choices=[{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]))
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for piece in gen.pieces():
+        yield chunk({"content": piece})
+    finish = gen.finish_reason
+    _, calls = _tool_calls(gen.text.finish(), reply)
+    if calls:
+        yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+        finish = "tool_calls"
+    else:
+        tail = gen.text.flush()
+        if tail:
+            yield chunk({"content": tail})
+    yield chunk({}, finish)
+    if include_usage:
+        yield _sse(reply.obj("chat.completion.chunk", choices=[], usage=gen.usage()))
+
+
+def _text_choice(text: str, finish: str | None) -> dict:
+    return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+
+async def _completion_events(gen: Generation, reply: _Reply) -> AsyncIterator[str]:
+    async for piece in gen.pieces():
+        yield _sse(reply.obj("text_completion", choices=[_text_choice(piece, None)]))
+    yield _sse(reply.obj("text_completion", choices=[_text_choice(gen.text.flush(), gen.finish_reason)]))
+
+
+class _Routes:
+    """The route handlers for one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.page = resources.files("zagreus.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
+
+    async def health(self) -> dict:
+        e = self.engine
+        return {"status": "ok", "model": e.name, "context_length": e.context_length, "template": e.template,
+                "batch": e.batch, **e.stats()}
+
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.engine.name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "zagreus", "context_length": self.engine.context_length}]}
+
+    async def index(self) -> str:
+        return self.page
+
+    def _check(self, req: _Sampling) -> None:
+        """What the schema cannot say: the model served here, and fields this server does not support."""
+        if req.model is not None and req.model != self.engine.name:
+            raise APIError(404, f"model '{req.model}' is not served here; this server serves '{self.engine.name}'",
                            param="model", code="model_not_found")
-
-    def unsupported(req: _Sampling) -> None:
         if req.logprobs:
             raise APIError(400, "logprobs: not supported by this server", param="logprobs")
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": engine.name, "context_length": engine.context_length,
-                "template": engine.template, "batch": engine.batch, **engine.stats()}
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "zagreus", "context_length": engine.context_length}]}
-
-    @app.get("/", response_class=HTMLResponse)
-    async def index() -> str:
-        return page
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req: ChatRequest = _parse(ChatRequest, await request.body())
-        check_model(req)
-        unsupported(req)
+    def _chat_prompt(self, req: ChatRequest) -> list[int]:
         try:
             # tool_choice "none" means the model must answer in prose: the tools are not offered.
-            prompt = engine.render_chat(req.messages, tools=None if req.tool_choice == "none" else req.tools)
+            return self.engine.render_chat(req.messages, tools=None if req.tool_choice == "none" else req.tools)
         except ContextOverflow as exc:
             raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
-        params = _params(engine, req, prompt, engine.stop_ids)
-        gen = Generation(engine, prompt, params, _stops(req), hold_tool_calls=True)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        log.info("%s: chat, %d prompt tokens, max %d new", rid, len(prompt), params.max_new_tokens)
 
-        def tool_calls_of(text: str) -> tuple[str, list[dict]]:
-            content, calls = parse_tool_calls(text)
-            return content, openai_tool_calls(calls, rid[-8:])
-
-        if not req.stream:
-            text = await gen.run()
-            content, calls = tool_calls_of(text)
-            message: dict[str, Any] = {"role": "assistant", "content": text}
-            finish = gen.finish_reason
-            if calls:
-                message = {"role": "assistant", "content": content or None, "tool_calls": calls}
-                finish = "tool_calls"
-            return {"id": rid, "object": "chat.completion", "created": created, "model": engine.name,
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-                    "usage": gen.usage()}
-
-        def chunk(delta: dict, finish: str | None = None) -> str:
-            return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": engine.name,
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
-
-        async def events() -> AsyncIterator[str]:
-            yield chunk({"role": "assistant", "content": ""})
-            try:
-                async for piece in gen.pieces():
-                    yield chunk({"content": piece})
-            except APIError as exc:
-                yield _sse(exc.body())
-                yield _sse("[DONE]")
-                return
-            finish = gen.finish_reason
-            _, calls = tool_calls_of(gen.text.finish())
-            if calls:
-                yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
-                finish = "tool_calls"
-            else:
-                tail = gen.text.flush()
-                if tail:
-                    yield chunk({"content": tail})
-            yield chunk({}, finish)
-            if (req.stream_options or {}).get("include_usage"):
-                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": engine.name,
-                            "choices": [], "usage": gen.usage()})
-            yield _sse("[DONE]")
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        req: CompletionRequest = _parse(CompletionRequest, await request.body())
-        check_model(req)
-        unsupported(req)
+    def _completion_prompt(self, req: CompletionRequest) -> list[int]:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, f"prompt: one prompt per request is supported, got {len(prompts)}", param="prompt")
         try:
-            prompt = engine.encode_completion_prompt(prompts[0])
+            return self.engine.encode_completion_prompt(prompts[0])
         except ContextOverflow as exc:
             raise APIError(400, str(exc), param="prompt", code="context_length_exceeded") from None
-        params = _params(engine, req, prompt, [engine.tokenizer.eos_id])
-        gen = Generation(engine, prompt, params, _stops(req), hold_tool_calls=False)
-        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        log.info("%s: completion, %d prompt tokens, max %d new", rid, len(prompt), params.max_new_tokens)
 
-        def choice(text: str, finish: str | None) -> dict:
-            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    # No return annotations: FastAPI would build a response model from dict | StreamingResponse and fail.
+    async def chat_completions(self, request: Request):
+        req: ChatRequest = _parse(ChatRequest, await request.body())
+        self._check(req)
+        prompt = self._chat_prompt(req)
+        params = _params(self.engine, req, prompt, self.engine.stop_ids)
+        gen = Generation(self.engine, prompt, params, _stops(req), hold_tool_calls=True)
+        reply = _Reply("chatcmpl", self.engine.name)
+        log.info("%s: chat, %d prompt tokens, max %d new", reply.id, len(prompt), params.max_new_tokens)
+        if not req.stream:
+            return await _chat_reply(gen, reply)
+        return _sse_response(_chat_events(gen, reply, bool((req.stream_options or {}).get("include_usage"))))
 
+    async def completions(self, request: Request):
+        req: CompletionRequest = _parse(CompletionRequest, await request.body())
+        self._check(req)
+        prompt = self._completion_prompt(req)
+        params = _params(self.engine, req, prompt, [self.engine.tokenizer.eos_id])
+        gen = Generation(self.engine, prompt, params, _stops(req), hold_tool_calls=False)
+        reply = _Reply("cmpl", self.engine.name)
+        log.info("%s: completion, %d prompt tokens, max %d new", reply.id, len(prompt), params.max_new_tokens)
         if not req.stream:
             text = await gen.run()
-            return {"id": rid, "object": "text_completion", "created": created, "model": engine.name,
-                    "choices": [choice(text, gen.finish_reason)], "usage": gen.usage()}
+            return reply.obj("text_completion", choices=[_text_choice(text, gen.finish_reason)], usage=gen.usage())
+        return _sse_response(_completion_events(gen, reply))
 
-        def chunk(text: str, finish: str | None = None) -> str:
-            return _sse({"id": rid, "object": "text_completion", "created": created, "model": engine.name,
-                         "choices": [choice(text, finish)]})
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                async for piece in gen.pieces():
-                    yield chunk(piece)
-            except APIError as exc:
-                yield _sse(exc.body())
-                yield _sse("[DONE]")
-                return
-            tail = gen.text.flush()
-            yield chunk(tail, gen.finish_reason)
-            yield _sse("[DONE]")
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+def create_app(engine: Engine) -> FastAPI:
+    """The FastAPI app serving `engine`."""
+    app = FastAPI(title="zagreus", description=f"OpenAI-compatible server for {engine.name}")
+    routes = _Routes(engine)
+    app.add_exception_handler(APIError, _api_error)
+    app.get("/health")(routes.health)
+    app.get("/v1/models")(routes.models)
+    app.get("/", response_class=HTMLResponse)(routes.index)
+    app.post("/v1/chat/completions")(routes.chat_completions)
+    app.post("/v1/completions")(routes.completions)
     return app
 
 
