@@ -102,3 +102,12 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     problems = upward_imports()
     assert problems == ["zagreus/model/bad.py:2: model (layer 3) imports zagreus.train.loop (train, layer 8)"]
+
+
+def test_the_cli_loads_without_torch():
+    """`zagreus --help` assembles every commands module; none may pull in torch (seconds) at import."""
+    import subprocess
+
+    code = "import sys, zagreus.cli; heavy = [m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules]; print(heavy)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -9,7 +9,8 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from zagreus.model import Transformer, resolve_model_config
+from zagreus.model.config import resolve_model_config
+from zagreus.model.llama import Transformer
 from zagreus.model.hf import load_hf, save_hf
 from zagreus.tokenizer import load_tokenizer, train_bpe
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from zagreus.model import Transformer, resolve_model_config
+from zagreus.model.config import resolve_model_config
+from zagreus.model.llama import Transformer
 from zagreus.model.generate import SamplingParams, generate
 from zagreus.model.hf import save_hf
 

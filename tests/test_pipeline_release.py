@@ -109,7 +109,8 @@ def test_run_end_to_end_and_release(tmp_path):
 
 
 def test_failed_upload_is_one_line_and_keeps_the_folder(tmp_path):
-    from zagreus.model import Transformer, resolve_model_config
+    from zagreus.model.config import resolve_model_config
+    from zagreus.model.llama import Transformer
     from zagreus.model.hf import save_hf
     from zagreus.tokenizer import train_bpe
 

@@ -1,6 +1,5 @@
-"""The Llama-3.2-style model, its presets, and the Hugging Face round trip."""
+"""The Llama-3.2-style model: shapes and presets (config), the module (llama), the Hugging Face
+folder format (hf), the incremental decoder (generate) and the `zagreus model` verbs (commands).
 
-from zagreus.model.config import PRESETS, ModelConfig, RopeScaling, resolve_model_config
-from zagreus.model.llama import KVCache, Transformer
-
-__all__ = ["PRESETS", "ModelConfig", "RopeScaling", "resolve_model_config", "KVCache", "Transformer"]
+Nothing is imported here: `zagreus --help` loads model/commands.py, which must not pull in torch.
+"""
