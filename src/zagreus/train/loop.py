@@ -155,6 +155,7 @@ class PretrainTask(Task):
     """One optimizer step of pretraining: `accum` micro-batches from the loader through the parallel model."""
 
     unit = "tokens"
+    formats = {"mfu": "{:.1%}"}
 
     def __init__(self, parallel: ParallelModel, loader: TokenLoader, accum: int, device: torch.device,
                  tokens_per_step: int, flops_per_token: int, peak_flops: float, world: int):

@@ -81,6 +81,7 @@ class Task:
     """A stage's part of training: its batches and loss. Subclasses override `step`."""
 
     unit = "tokens"  # the throughput's unit: metrics get `<unit>_per_s`
+    formats: dict[str, str] = {}  # console formats of the task's own facts, e.g. {"mfu": "{:.1%}"}
 
     def step(self, step: int) -> StepResult:
         """Forward and backward of optimizer step `step` (0-based), gradients accumulated into .grad."""
@@ -244,7 +245,7 @@ class Trainer:
         derived = self.task.throughput_stats(rate, self.step)
         record = {"step": self.step, "loss": float(result.loss), "lr": lr, "grad_norm": float(grad_norm),
                   **result.stats, f"{unit}_per_s": rate, **derived, "skipped_steps": self.skipped_total}
-        extras = "".join(f" | {k} {_fmt(v)}" for k, v in {**result.stats, **derived}.items())
+        extras = "".join(f" | {k} {_fmt(v, self.task.formats.get(k))}" for k, v in {**result.stats, **derived}.items())
         metrics.log(record, f"{self.s.section} step {self.step}/{self.s.steps} | loss {record['loss']:.4f} | "
                             f"lr {lr:.2e} | grad norm {record['grad_norm']:.3f} | {rate:,.0f} {unit}/s{extras}")
         return record
@@ -263,5 +264,7 @@ class Trainer:
         return scores
 
 
-def _fmt(value) -> str:
+def _fmt(value, spec: str | None = None) -> str:
+    if spec is not None:
+        return spec.format(value)
     return f"{value:.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
