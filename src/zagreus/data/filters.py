@@ -106,7 +106,7 @@ class LanguageFilter:
     """Keeps documents whose most likely language is allowed, with confidence >= threshold."""
 
     def __init__(self, allowed: list[str], threshold: float):
-        from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
+        from lingua import IsoCode639_1, Language, LanguageDetectorBuilder  # its models load in seconds; only when used
 
         def lang(code: str) -> Language:
             try:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 import orjson
+import zstandard
 
 from zagreus.errors import UserError
 from zagreus.recipe import Source
@@ -126,7 +127,7 @@ def _group_files(files: list[Path], source: str, first: int, unit_bytes: int) ->
 
 
 def _load_hub(source: Source, streaming: bool | None = None):
-    import datasets
+    import datasets  # seconds to import, and only hub sources need it
 
     streaming = source.streaming if streaming is None else streaming
     try:
@@ -262,17 +263,18 @@ def _read_jsonl_range(unit: WorkUnit, records: _Records) -> Iterator[Doc | Skip]
             yield item
 
 
-def _open_compressed(path: str, kind: str):
-    if kind == "jsonl.gz":
+def open_binary(path: str | Path):
+    """A file as a binary stream, decompressed by its suffix (.gz, .zst); shared by every reader of local files."""
+    if str(path).endswith(".gz"):
         return gzip.open(path, "rb")
-    import zstandard
-
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    if str(path).endswith(".zst"):
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
 
 
 def html_to_text(raw: bytes) -> str:
     """The visible text of an HTML page: scripts, styles and markup dropped, one block per line."""
-    import lxml.html
+    import lxml.html  # only folders of HTML need lxml
 
     try:
         root = lxml.html.fromstring(raw)
@@ -302,7 +304,7 @@ def _read_files(unit: WorkUnit, records: _Records) -> Iterator[Doc | Skip]:
 
 
 def _read_parquet(unit: WorkUnit, records: _Records) -> Iterator[Doc | Skip]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # only parquet sources need pyarrow
 
     pf = pq.ParquetFile(unit.path)
     names = set(pf.schema_arrow.names)
@@ -343,7 +345,7 @@ def read_unit(unit: WorkUnit, source: Source) -> Iterator[Doc | Skip]:
     if unit.kind == "jsonl":
         yield from _read_jsonl_range(unit, records)
     elif unit.kind in ("jsonl.gz", "jsonl.zst"):
-        with _open_compressed(unit.path, unit.kind) as stream:
+        with open_binary(unit.path) as stream:
             yield from _line_reader(stream, unit.path, 0, records)
     elif unit.kind == "parquet":
         yield from _read_parquet(unit, records)

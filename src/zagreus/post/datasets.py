@@ -16,6 +16,7 @@ the first few are reported with their file:line.
 from __future__ import annotations
 
 import glob
+import io
 import json
 import logging
 from collections import Counter
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from zagreus.data.sources import open_binary
 from zagreus.errors import UserError
 from zagreus.post.chat import validate_messages
 
@@ -78,8 +80,7 @@ def _local_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """(file:line, row) for jsonl/json/parquet; an unparsable line yields (where, exception)."""
     suffix = "".join(path.suffixes[-2:]) if path.suffix in (".gz", ".zst") else path.suffix
     if suffix in (".jsonl", ".jsonl.gz", ".jsonl.zst"):
-        opener = _opener(path)
-        with opener(path) as f:
+        with io.TextIOWrapper(open_binary(path), encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -97,7 +98,7 @@ def _local_rows(path: Path) -> Iterator[tuple[str, Any]]:
         for i, row in enumerate(data):
             yield f"{path}:[{i}]", row
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # only parquet datasets need pyarrow
 
         try:
             pf = pq.ParquetFile(path)
@@ -112,23 +113,9 @@ def _local_rows(path: Path) -> Iterator[tuple[str, Any]]:
         raise UserError(f"{path}: unsupported file type '{path.suffix}'; use .jsonl, .json or .parquet")
 
 
-def _opener(path: Path):
-    if path.suffix == ".gz":
-        import gzip
-
-        return lambda p: gzip.open(p, "rt", encoding="utf-8")
-    if path.suffix == ".zst":
-        import io
-
-        import zstandard
-
-        return lambda p: io.TextIOWrapper(zstandard.open(p, "rb"), encoding="utf-8")
-    return lambda p: open(p, encoding="utf-8")
-
-
 def _hub_rows(hub: str, config: str | None, split: str) -> Iterator[tuple[str, Any]]:
     try:
-        import datasets
+        import datasets  # seconds to import, and only hub datasets need it
     except ImportError:  # pragma: no cover - a dependency
         raise UserError("hub datasets need the package datasets: pip install datasets") from None
     try:

@@ -69,7 +69,7 @@ class MetricsLogger:
         if self.path.exists():
             self._truncate_after(resume_step)
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # pulls in tensorboard: only rank 0 writes
 
             # purge_step hides events a killed run wrote past the checkpoint we resume from.
             self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step or None)

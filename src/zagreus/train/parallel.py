@@ -22,6 +22,9 @@ The order of composition is fixed, as in torchtitan, because each step wraps the
   DTensor metadata; compiling first and checkpointing the compiled block fails under FSDP.)
 - FSDP2 last: it shards whatever parameters the previous steps produced (DTensors on the
   tp mesh included, giving 2D/3D layouts), one unit per block plus the root.
+
+Each wrapper's torch.distributed module is imported where it is applied: a single-device run
+(SFT, DPO, tests) loads none of them.
 """
 
 from __future__ import annotations
