@@ -25,8 +25,8 @@ import time
 import torch
 
 from zagreus.model.config import ModelConfig, resolve_model_config
-from zagreus.recipe import OptimizerSection
 from zagreus.model.llama import build_model
+from zagreus.recipe import OptimizerSection
 from zagreus.train.loop import compute_loss
 from zagreus.train.optim import build_optimizer
 from zagreus.train.parallel import ParallelDims, parallelize
@@ -164,7 +164,7 @@ def main() -> None:
               f"{r['tflops']:.1f} TFLOP/s, MFU {r['mfu']:.1%}{mem}")
     if "transformers" in results:
         print(f"       ratio: zagreus / transformers = {results['zagreus']['tokens_per_s'] / results['transformers']['tokens_per_s']:.2f}x")
-    print(f"     authors: 699 tokens/s per A100, 15.4 TFLOP/s (their README's training log; ~5% of peak); target >= 45% MFU")
+    print("     authors: 699 tokens/s per A100, 15.4 TFLOP/s (their README's training log; ~5% of peak); target >= 45% MFU")
     print(json.dumps({"card": card, "seq": args.seq, "micro_batch": args.micro_batch, "results": results}))
 
 

@@ -25,9 +25,9 @@ from zagreus.post.chat import jinja_template, stop_token_ids
 from zagreus.post.datasets import load_examples, summarize
 from zagreus.recipe import dump_recipe
 from zagreus.rundir import RunDir, StageDir
-from zagreus.train.optim import build_optimizer, lr_multiplier
 from zagreus.train.metrics import last_logged
-from zagreus.train.trainer import Settings, Task, Trainer
+from zagreus.train.optim import build_optimizer
+from zagreus.train.trainer import Settings, Task, Trainer, run_facts
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +118,16 @@ def export(model, tokenizer, out_dir: Path, template: str, metadata: dict) -> Pa
 
 
 class EpochTask(Task):
-    """A post-training task over a fixed list of examples (rows or pairs), `per_step` of them per optimizer
-    step, in an order shuffled per epoch from the seed alone: the data position to save is the step itself."""
+    """A post-training task over a fixed list of examples (rows or pairs), micro_batch x grad_accum of
+    them per optimizer step for sec.epochs epochs, in an order shuffled per epoch from the seed alone:
+    the data position to save is the step itself."""
 
-    def __init__(self, stage: str, items: list, what: str, per_step: int, seed: int):
-        self.stage, self.items, self.what, self.per_step, self.seed = stage, items, what, per_step, seed
-        self.steps_per_epoch = math.ceil(len(items) / per_step)
+    def __init__(self, stage: str, items: list, what: str, model, sec, pad: int, device: torch.device, chunk: int):
+        self.stage, self.items, self.what = stage, items, what
+        self.model, self.sec, self.pad, self.device, self.chunk = model, sec, pad, device, chunk
+        self.per_step, self.seed = sec.micro_batch * sec.grad_accum, sec.seed
+        self.steps_per_epoch = math.ceil(len(items) / self.per_step)
+        self.total_steps = self.steps_per_epoch * sec.epochs
         self._epoch, self._order = -1, []
 
     def picked(self, step: int) -> tuple[int, list[int]]:
@@ -189,10 +193,9 @@ def open_stage(recipe, stage: str, default_init: Path, force: bool) -> StageStar
     return StageStart(sec, folder, device, model, tok, init_path, examples, stats)
 
 
-def train_stage(recipe, start: StageStart, task: Task, total_steps: int,
-                summary: Callable[[dict], dict]) -> Path | None:
-    """Run `task` for `total_steps` on the trainer, resuming from the stage's latest checkpoint; then export
-    and write summary.json (the stage's facts from `summary(last_metrics)`). None when stopped by SIGTERM."""
+def train_stage(recipe, start: StageStart, task: EpochTask, summary: Callable[[dict], dict]) -> Path | None:
+    """Run `task` on the trainer, resuming from the stage's latest checkpoint; then export and write
+    summary.json (the stage's facts from `summary(last_metrics)`). None when stopped by SIGTERM."""
     sec, folder, name = start.sec, start.stage, start.stage.name
     folder.root.mkdir(parents=True, exist_ok=True)
     folder.recipe.write_text(dump_recipe(recipe), encoding="utf-8")
@@ -202,21 +205,18 @@ def train_stage(recipe, start: StageStart, task: Task, total_steps: int,
     if not (folder.tokenizer / "tokenizer.json").is_file():  # what the stage's checkpoints load with
         start.tokenizer.save(folder.tokenizer)
     optimizer = build_optimizer(start.model, sec.optimizer)
-    settings = Settings(name, total_steps, sec.optimizer.lr, lr_multiplier(sec.schedule, total_steps, sec.optimizer.lr),
-                        sec.optimizer.clip, sec.log_every, sec.checkpoint.every, sec.checkpoint.keep, sec.max_bad_steps)
-    trainer = Trainer(task, start.model, optimizer, settings, checkpoints=folder.checkpoints, metrics_dir=folder.root,
-                      device=start.device, tokenizer_dir=folder.tokenizer,
-                      meta={"model_config": start.model.cfg.model_dump(mode="json"), "stage": name,
-                            "init": str(start.init_path), "recipe": recipe.model_dump(mode="json", exclude={"source_path"})})
+    trainer = Trainer(task, start.model, optimizer, Settings.of(name, sec, task.total_steps),
+                      checkpoints=folder.checkpoints, metrics_dir=folder.metrics_dir, device=start.device, tokenizer_dir=folder.tokenizer,
+                      meta=run_facts(start.model.cfg, recipe, stage=name, init=str(start.init_path)))
     trainer.resume()
     # A run killed after its last checkpoint but before the export has nothing left to train.
-    last = trainer.run() or last_logged(folder.root)
+    last = trainer.run() or last_logged(folder.metrics_dir)
     if last.get("stopped_by_signal"):
         return None
     start.model.eval()
     export_dir = export(start.model, start.tokenizer, folder.export, sec.template, {"stage": name, "init": str(start.init_path)})
     facts = {"finished": True, "stage": name, "init": str(start.init_path), "template": sec.template,
-             "steps": total_steps, "epochs": sec.epochs, **summary(last), "data": summarize(start.stats),
+             "steps": task.total_steps, "epochs": sec.epochs, **summary(last), "data": summarize(start.stats),
              "export": str(export_dir)}
     folder.summary.write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
     return export_dir

@@ -34,7 +34,7 @@ from zagreus.post.common import (
 )
 from zagreus.rundir import RunDir
 from zagreus.train.losses import token_logprobs
-from zagreus.train.trainer import StepResult, Task
+from zagreus.train.trainer import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,8 @@ class DPOTask(EpochTask):
     unit = "pairs"
 
     def __init__(self, model, pairs: list[Pair], ref: torch.Tensor, sec, pad: int, device: torch.device, chunk: int):
-        super().__init__("dpo", pairs, "pairs", sec.micro_batch * sec.grad_accum, sec.seed)
-        self.model, self.ref, self.sec, self.pad, self.device, self.chunk = model, ref, sec, pad, device, chunk
+        super().__init__("dpo", pairs, "pairs", model, sec, pad, device, chunk)
+        self.ref = ref  # [pairs, 2] reference log-probabilities of (chosen, rejected)
 
     def step(self, step: int) -> StepResult:
         epoch, idx = self.picked(step)
@@ -182,12 +182,11 @@ def run_dpo(recipe, force: bool = False) -> Path | None:
     pad, chunk = pad_id(tok), recipe.pretrain.loss_chunk
     ref = stored_reference(start, pairs, pad, chunk)
     task = DPOTask(start.model, pairs, ref, sec, pad, start.device, chunk)
-    total_steps = task.steps_per_epoch * sec.epochs
     log.info("dpo: %d pairs, %d steps per epoch x %d epochs, beta %g", len(pairs), task.steps_per_epoch, sec.epochs,
              sec.beta)
-    export_dir = train_stage(recipe, start, task, total_steps, lambda last: {
+    export_dir = train_stage(recipe, start, task, lambda last: {
         "beta": sec.beta, "final": {k: last[k] for k in FINAL_KEYS}, "tokenized": tok_stats,
         "reference_logprobs_mean": {"chosen": float(ref[:, 0].mean()), "rejected": float(ref[:, 1].mean())}})
     if export_dir is not None:
-        log.info("dpo: done, %d steps, export %s", total_steps, export_dir)
+        log.info("dpo: done, %d steps, export %s", task.total_steps, export_dir)
     return export_dir

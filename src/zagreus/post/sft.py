@@ -32,7 +32,7 @@ from zagreus.post.common import (
     IGNORE, EpochTask, Sequence, open_stage, pad_id, padded_batch, to_sequence, tokenization_report, train_stage,
 )
 from zagreus.train.losses import chunked_cross_entropy
-from zagreus.train.trainer import StepResult, Task
+from zagreus.train.trainer import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,7 @@ class SFTTask(EpochTask):
     unit = "tokens"
 
     def __init__(self, model, rows: list[list[Sequence]], sec, pad: int, device: torch.device, chunk: int):
-        super().__init__("sft", rows, "rows", sec.micro_batch * sec.grad_accum, sec.seed)
-        self.model, self.sec, self.pad, self.device, self.chunk = model, sec, pad, device, chunk
+        super().__init__("sft", rows, "rows", model, sec, pad, device, chunk)
 
     def step(self, step: int) -> StepResult:
         epoch, idx = self.picked(step)
@@ -165,11 +164,10 @@ def run_sft(recipe, force: bool = False) -> Path | None:
         raise UserError("sft: no conversation has an assistant token within seq_len; raise sft.seq_len")
     rows = build_rows(seqs, sec.seq_len, sec.packing, sec.seed)
     task = SFTTask(start.model, rows, sec, pad_id(tok), start.device, recipe.pretrain.loss_chunk)
-    total_steps = task.steps_per_epoch * sec.epochs
     log.info("sft: %d conversations in %d rows (%s), %d steps per epoch x %d epochs", len(seqs), len(rows),
              "packed" if sec.packing else "padded", task.steps_per_epoch, sec.epochs)
-    export_dir = train_stage(recipe, start, task, total_steps,
+    export_dir = train_stage(recipe, start, task,
                              lambda last: {"rows": len(rows), "final_loss": last["loss"], "tokenized": tok_stats})
     if export_dir is not None:
-        log.info("sft: done, %d steps, export %s", total_steps, export_dir)
+        log.info("sft: done, %d steps, export %s", task.total_steps, export_dir)
     return export_dir

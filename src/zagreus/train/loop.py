@@ -33,9 +33,9 @@ from zagreus.rundir import RunDir
 from zagreus.tokenizer import Tokenizer, load_tokenizer
 from zagreus.train.losses import chunked_cross_entropy
 from zagreus.train.metrics import bits_per_byte, measure_matmul_peak, text_bytes
-from zagreus.train.optim import build_optimizer, lr_multiplier
+from zagreus.train.optim import build_optimizer
 from zagreus.train.parallel import ParallelDims, ParallelModel, build_mesh, parallelize, resolve_param_dtype
-from zagreus.train.trainer import Evaluation, Settings, StepResult, Task, Trainer, TrainingDiverged
+from zagreus.train.trainer import Evaluation, Settings, StepResult, Task, Trainer, TrainingDiverged, run_facts
 
 log = logging.getLogger(__name__)
 
@@ -259,13 +259,9 @@ def run_pretrain(recipe: Recipe, quick_eval: QuickEval | None = None) -> dict:
     peak = p.peak_flops or measure_matmul_peak(str(device) if device.type == "cuda" else "cpu")
     task = PretrainTask(parallel, loader, accum, device, tokens_per_step, cfg.flops_per_token(p.seq_len), peak,
                         dinfo.world)
-    settings = Settings("pretrain", p.steps, p.optimizer.lr, lr_multiplier(p.schedule, p.steps, p.optimizer.lr),
-                        p.optimizer.clip, p.log_every, p.checkpoint.every, p.checkpoint.keep, p.max_bad_steps)
-    trainer = Trainer(task, parallel.model, optimizer, settings, checkpoints=run.checkpoints, metrics_dir=run.metrics_dir,
-                      device=device, world=dinfo.world, is_main=dinfo.is_main, clip_grad_norm=parallel.clip_grad_norm_,
-                      meta={"model_config": cfg.model_dump(mode="json"),
-                            "recipe": recipe.model_dump(mode="json", exclude={"source_path"})},
-                      tokenizer_dir=tokenizer_dir,
+    trainer = Trainer(task, parallel.model, optimizer, Settings.of("pretrain", p, p.steps), checkpoints=run.checkpoints,
+                      metrics_dir=run.metrics_dir, device=device, world=dinfo.world, is_main=dinfo.is_main,
+                      clip_grad_norm=parallel.clip_grad_norm_, meta=run_facts(cfg, recipe), tokenizer_dir=tokenizer_dir,
                       evaluations=_evaluations(recipe, parallel, validator, plain, tokenizer, quick_eval, dinfo.world))
     step = trainer.resume()
     log.info("pretraining %s: %d parameters, %d steps x %d tokens (%d micro-steps of %d x %d per rank, %d rank(s)), "

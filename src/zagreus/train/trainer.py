@@ -33,6 +33,7 @@ from zagreus.checkpoint import load_checkpoint, save_checkpoint
 from zagreus.errors import UserError
 from zagreus.rundir import latest_checkpoint, step_name
 from zagreus.train.metrics import MetricsLogger
+from zagreus.train.optim import lr_multiplier
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,21 @@ class Settings:
     checkpoint_every: int
     keep: int | None
     max_bad_steps: int
+
+    @classmethod
+    def of(cls, section: str, sec, steps: int) -> "Settings":
+        """From a recipe section holding optimizer, schedule, log_every, checkpoint and max_bad_steps
+        (pretrain, sft and dpo all do), for a run of `steps` optimizer steps."""
+        opt = sec.optimizer
+        return cls(section, steps, opt.lr, lr_multiplier(sec.schedule, steps, opt.lr), opt.clip, sec.log_every,
+                   sec.checkpoint.every, sec.checkpoint.keep, sec.max_bad_steps)
+
+
+def run_facts(model_config, recipe, **extra) -> dict:
+    """What every checkpoint of a stage records besides its training state: the model's shape (to
+    rebuild it for loading), the recipe, and the stage's own facts."""
+    return {"model_config": model_config.model_dump(mode="json"),
+            "recipe": recipe.model_dump(mode="json", exclude={"source_path"}), **extra}
 
 
 class Trainer:
