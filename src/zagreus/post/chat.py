@@ -324,6 +324,12 @@ def jinja_template(template: str) -> str:
     )
 
 
+def saved_chat_template(folder: str | Path) -> str | None:
+    """The Jinja chat_template a saved model's tokenizer_config.json carries, if any."""
+    cfg = Path(folder) / "tokenizer_config.json"
+    return json.loads(cfg.read_text(encoding="utf-8")).get("chat_template") if cfg.is_file() else None
+
+
 def template_of(folder: Path, explicit: str | None) -> str:
     """The template a model was trained with: the flag, else the one recorded by post-training
     (zagreus.json), else the export's chat_template, else ChatML."""
@@ -336,8 +342,7 @@ def template_of(folder: Path, explicit: str | None) -> str:
         recorded = json.loads(record.read_text(encoding="utf-8")).get("template")
         if recorded in TEMPLATES:
             return recorded
-    cfg = Path(folder) / "tokenizer_config.json"
-    saved = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template") if cfg.is_file() else None
+    saved = saved_chat_template(folder)
     if not saved:
         return "chatml"
     for name in TEMPLATES:
@@ -348,7 +353,8 @@ def template_of(folder: Path, explicit: str | None) -> str:
         return "llama3"
     if "<|im_start|>" in saved:
         return "chatml"
-    raise UserError(f"{cfg}: chat_template is neither ChatML nor Llama-3; pass --template chatml|llama3")
+    raise UserError(f"{Path(folder) / 'tokenizer_config.json'}: chat_template is neither ChatML nor Llama-3; "
+                    f"pass --template chatml|llama3")
 
 
 # --- generation helpers ---------------------------------------------------------------------

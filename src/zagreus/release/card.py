@@ -15,6 +15,7 @@ import yaml
 from zagreus import __version__
 from zagreus.data.shards import human
 from zagreus.model.hf import from_llama_config
+from zagreus.post.chat import saved_chat_template
 from zagreus.rundir import POST_STAGES, RunDir, read_meta
 
 LANGUAGE_NAMES = {"en": "English", "it": "Italian", "es": "Spanish", "fr": "French", "pt": "Portuguese"}
@@ -74,7 +75,7 @@ def build_model_card(export_dir: Path, run: RunDir | None, repo_id: str | None =
     lines += _post_training_section(run, post_stage)
     lines += _data_section(run)
     lines += _eval_section(run)
-    chat = json.loads((export_dir / "tokenizer_config.json").read_text()).get("chat_template") if (export_dir / "tokenizer_config.json").is_file() else None
+    chat = saved_chat_template(export_dir)
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
               f'model = AutoModelForCausalLM.from_pretrained("{name}")']

@@ -3,7 +3,6 @@ folder that transformers and `lm-eval --model hf` load as-is."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,7 +10,9 @@ import torch
 from zagreus.checkpoint import load_model_and_tokenizer
 from zagreus.errors import UserError
 from zagreus.model.hf import save_hf
+from zagreus.post.chat import saved_chat_template
 from zagreus.rundir import is_export, locate, read_meta, resolve_checkpoint
+
 
 def default_export_dir(source: Path) -> Path:
     """RUN_DIR/exports/step-N for a pretraining checkpoint, or for the latest one of a run directory."""
@@ -25,14 +26,6 @@ def default_export_dir(source: Path) -> Path:
     return located.run.export_dir(read_meta(checkpoint)["step"])
 
 
-def chat_template_of(folder: Path) -> str | None:
-    """The chat template a saved model's tokenizer_config.json carries, if any."""
-    cfg = Path(folder) / "tokenizer_config.json"
-    if cfg.is_file():
-        return json.loads(cfg.read_text()).get("chat_template")
-    return None
-
-
 def export(source: Path, out: Path | None = None, dtype: str = "float32") -> Path:
     """Write `source` as a Hugging Face folder `out` (default: default_export_dir) in `dtype`; returns `out`."""
     if dtype not in ("float32", "bfloat16"):
@@ -41,4 +34,4 @@ def export(source: Path, out: Path | None = None, dtype: str = "float32") -> Pat
     if out is None:
         out = default_export_dir(source)
     model, tok = load_model_and_tokenizer(source)
-    return save_hf(model, tok, out, dtype=getattr(torch, dtype), chat_template=chat_template_of(source))
+    return save_hf(model, tok, out, dtype=getattr(torch, dtype), chat_template=saved_chat_template(source))
