@@ -1,13 +1,18 @@
 """Our in-process evaluator vs `lm-eval --model hf`, side by side on the same export and task.
 
-The export: a 2-layer d=64 Llama with the full 128,256-token Llama-3 vocabulary, random init
-(scores are near chance; the point is speed at equal numbers). The task: the Italian
-ARC-Challenge test (1169 items) through the offline `zagreus_arc_it` task, zero-shot.
-Each side runs in its own subprocess (so peak memory is its own), timed from model load to
-results, after lm-eval's task index is built. Prints both wall times, the ratio, both scores
-(acc, acc_norm), the largest per-choice log-likelihood difference and both peak RSS.
+The export: a 2-layer d=64 Llama, random init (scores are near chance; the point is speed at
+equal numbers), over the full 128,256-token Llama-3 vocabulary (`--vocab llama3`) or a 4,096-token
+BPE trained on the task's own text (`--vocab small`), one export per `--seeds` entry.
+The task: the Italian ARC-Challenge test (1169 items) through the offline `zagreus_arc_it`
+task, zero-shot. Three sides per seed, each in its own subprocess (so peak memory is its own),
+timed from model load to results, after lm-eval's task index is built:
+  ours      the `zagreus` model, close calls re-scored in HFLM's layout (zagreus.eval.tiebreak)
+  fast      the same with tiebreak=False: the fast pass alone, to show what the tiebreak costs
+  hf        lm-eval's HFLM
+Prints per seed the wall times, speed-ups, acc and acc_norm of each side, whether ours equals
+HFLM item by item, the re-scored counts and the largest per-choice log-likelihood difference.
 
-    python benchmarks/eval.py --data-dir ../shared/data/bench [--limit N] [--threads T]
+    python benchmarks/eval.py --data-dir ../shared/data/bench --threads 1 [--vocab small] [--seeds 0,1,2,3]
 """
 
 from __future__ import annotations
@@ -27,15 +32,20 @@ log = logging.getLogger("bench.eval")
 TASK = "zagreus_arc_it"
 
 
-def make_export(out: Path, init_std: float, seed: int = 0) -> Path:
+def make_export(out: Path, init_std: float, seed: int, vocab: str, data_dir: Path) -> Path:
     from zagreus.model.config import ModelConfig
     from zagreus.model.hf import save_hf
     from zagreus.model.llama import Transformer
-    from zagreus.tokenizer import load_tokenizer
+    from zagreus.tokenizer import load_tokenizer, train_bpe
 
-    tok = load_tokenizer("llama3")
+    if vocab == "llama3":
+        tok = load_tokenizer("llama3")
+    else:
+        items = json.loads((data_dir / "m_arc_it_test.json").read_text(encoding="utf-8"))
+        tok = train_bpe([" ".join(str(v) for v in item.values()) for item in items], 4096, out.parent / "tokenizer")
     cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                      intermediate_size=256, max_seq_len=2048, init_std=init_std)
+                      intermediate_size=256, max_seq_len=2048, init_std=init_std,
+                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     model = Transformer(cfg)
     model.init_weights(seed)
     save_hf(model, tok, out)
@@ -43,27 +53,65 @@ def make_export(out: Path, init_std: float, seed: int = 0) -> Path:
 
 
 def run_side(side: str, export: Path, data_dir: Path, limit: int | None, batch_size: int, out: Path) -> None:
-    """One side in this process; writes timing, scores and per-choice log-likelihoods to `out`."""
+    """One side in this process; writes timing, scores and per-item outputs to `out`."""
     from zagreus.eval.registry import task_manager
     from zagreus.eval.run import run_tasks
 
-    task_manager()  # the task index costs the same for both sides; keep it out of the timing
+    task_manager()  # the task index costs the same for all sides; keep it out of the timing
     start = time.perf_counter()
-    if side == "ours":
+    if side in ("ours", "fast"):
         from zagreus.eval.lm import make_lm
 
-        lm = make_lm(export, batch_size=batch_size)
+        lm = make_lm(export, batch_size=batch_size, tiebreak=side == "ours")
     else:
         from lm_eval.models.huggingface import HFLM
 
         lm = HFLM(pretrained=str(export), batch_size=batch_size, device="cpu")
     summary, raw = run_tasks(lm, [TASK], limit=limit, data_dir=data_dir, log_samples=True)
     seconds = time.perf_counter() - start
-    lls = [[r[0][0] for r in s["resps"]] for s in sorted(raw["samples"][TASK], key=lambda s: s["doc_id"])]
+    samples = sorted(raw["samples"][TASK], key=lambda s: s["doc_id"])
     out.write_text(json.dumps({
         "seconds": seconds, "metrics": summary[TASK]["metrics"], "items": summary[TASK]["samples"],
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "loglikelihoods": lls,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "loglikelihoods": [[r[0][0] for r in s["resps"]] for s in samples],
+        "per_item": [[s["acc"], s["acc_norm"]] for s in samples], "tiebreak": raw["tiebreak"],
     }))
+
+
+def compare_seed(seed: int, args, env: dict, tmp: Path) -> dict:
+    export = make_export(tmp / f"seed{seed}" / "export", args.init_std, seed, args.vocab, args.data_dir)
+    results = {}
+    for side in ("ours", "fast", "hf"):
+        out = tmp / f"seed{seed}" / f"{side}.json"
+        cmd = [sys.executable, "-P", __file__, "--side", side, "--export", str(export), "--out", str(out),
+               "--data-dir", str(args.data_dir), "--batch-size", str(args.batch_size)]
+        cmd += ["--limit", str(args.limit)] if args.limit else []
+        cmd += ["--threads", str(args.threads)] if args.threads else []
+        subprocess.run(cmd, check=True, env=env, stderr=subprocess.DEVNULL)
+        results[side] = json.loads(out.read_text())
+    return results
+
+
+def report(seed: int, r: dict) -> bool:
+    ours, fast, hf = r["ours"], r["fast"], r["hf"]
+    diff = max(abs(a - b) for xs, ys in zip(fast["loglikelihoods"], hf["loglikelihoods"]) for a, b in zip(xs, ys))
+    same = ours["per_item"] == hf["per_item"]
+    fast_flips = sum(a != b for a, b in zip(fast["per_item"], hf["per_item"]))
+    tb = ours["tiebreak"]
+    print(f"seed {seed}: {ours['items']} items")
+    print(f"  {'':28}{'wall s':>9}{'acc':>9}{'acc_norm':>10}{'peak RSS GB':>13}")
+    for name, side in (("zagreus (tiebreak)", ours), ("zagreus fast pass only", fast), ("lm-eval --model hf", hf)):
+        m = side["metrics"]
+        print(f"  {name:28}{side['seconds']:9.1f}{m['acc']:9.4f}{m['acc_norm']:10.4f}{side['peak_rss_gb']:13.2f}")
+    print(f"  speed-up vs hf: {hf['seconds'] / ours['seconds']:.2f}x with tiebreak, "
+          f"{hf['seconds'] / fast['seconds']:.2f}x fast pass only; tiebreak cost "
+          f"{ours['seconds'] - fast['seconds']:+.1f} s")
+    print(f"  re-scored: {sum(tb['rescored_items'].values())} close items ({tb['rescored_requests']} requests) "
+          f"+ {tb['calibrated']} calibration requests of {tb['requests']}; bound {tb['per_token_bound']:.2e}/token")
+    print(f"  items whose acc/acc_norm differ from hf: {fast_flips} fast pass only, "
+          f"{sum(a != b for a, b in zip(ours['per_item'], hf['per_item']))} with tiebreak; "
+          f"identical per item: {same}; max |ll difference| fast vs hf: {diff:.2e}")
+    return same
 
 
 def main() -> None:
@@ -73,7 +121,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default torch's)")
     parser.add_argument("--init-std", type=float, default=0.2, help="a wide init keeps choices' scores apart")
-    parser.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--vocab", choices=["llama3", "small"], default="llama3")
+    parser.add_argument("--seeds", default="0", help="comma-separated model seeds, one export each")
+    parser.add_argument("--side", choices=["ours", "fast", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--export", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -88,26 +138,12 @@ def main() -> None:
     if not (args.data_dir / "m_arc_it_test.json").is_file():
         sys.exit(f"{args.data_dir}/m_arc_it_test.json not found; pass --data-dir (see ../shared/data/README.md)")
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    print(f"task {TASK}, vocab {args.vocab}, batch {args.batch_size}, threads {args.threads or 'default'}")
+    identical = []
     with tempfile.TemporaryDirectory() as tmp:
-        export = make_export(Path(tmp) / "export", args.init_std)
-        results = {}
-        for side in ("ours", "hf"):
-            out = Path(tmp) / f"{side}.json"
-            cmd = [sys.executable, "-P", __file__, "--side", side, "--export", str(export), "--out", str(out),
-                   "--data-dir", str(args.data_dir), "--batch-size", str(args.batch_size)]
-            cmd += ["--limit", str(args.limit)] if args.limit else []
-            cmd += ["--threads", str(args.threads)] if args.threads else []
-            subprocess.run(cmd, check=True, env=env, stderr=subprocess.DEVNULL)
-            results[side] = json.loads(out.read_text())
-    ours, hf = results["ours"], results["hf"]
-    diff = max(abs(a - b) for xs, ys in zip(ours["loglikelihoods"], hf["loglikelihoods"]) for a, b in zip(xs, ys))
-    print(f"task {TASK}: {ours['items']} items, batch {args.batch_size}, threads {args.threads or 'default'}")
-    print(f"{'':22}{'wall s':>9}{'acc':>9}{'acc_norm':>10}{'peak RSS GB':>13}")
-    for name, r in (("zagreus (in process)", ours), ("lm-eval --model hf", hf)):
-        m = r["metrics"]
-        print(f"{name:22}{r['seconds']:9.1f}{m['acc']:9.4f}{m['acc_norm']:10.4f}{r['peak_rss_gb']:13.2f}")
-    print(f"speed-up: {hf['seconds'] / ours['seconds']:.2f}x; identical scores: {ours['metrics'] == hf['metrics']}; "
-          f"max |log-likelihood difference| per choice: {diff:.2e}")
+        for seed in (int(x) for x in args.seeds.split(",")):
+            identical.append(report(seed, compare_seed(seed, args, env, Path(tmp))))
+    print(f"identical to lm-eval hf per item on {sum(identical)} of {len(identical)} seeds")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from zagreus.checkpoint import load_model_and_tokenizer
 from zagreus.eval.scorer import score_pairs
+from zagreus.eval.tiebreak import TiebreakReport, decide_close_calls
 from zagreus.model.generate import Decoder, Sampler, SamplingParams, token_budget
 from zagreus.recipe import EVAL_BATCH_SIZE
 from zagreus.tokenizer import BOS
@@ -35,11 +36,13 @@ class ZagreusLM(TemplateLM):
 
     batch_size: scoring packs rows up to a budget of batch_size x 256 tokens per forward pass
     (one row holds a context and all its choices); generation decodes batch_size prompts at once.
+    Close calls are decided as HFLM at this batch size decides them (`zagreus.eval.tiebreak`);
+    tiebreak=False skips that and keeps the fast scores only.
     """
 
     def __init__(self, pretrained: str | Path | None = None, model=None, tokenizer=None,
                  batch_size: int | str = EVAL_BATCH_SIZE, device: str | None = None, max_length: int | None = None,
-                 **kwargs) -> None:
+                 tiebreak: bool | str = True, **kwargs) -> None:
         super().__init__()
         if model is None:
             if pretrained is None:
@@ -56,8 +59,17 @@ class ZagreusLM(TemplateLM):
         bs = EVAL_BATCH_SIZE if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
         self.batch_tokens = max(256, bs * 256)
         self.gen_batch = bs
+        # A sharded (DTensor) model has no plain tensors to lend transformers' twin.
+        self.tiebreak = str(tiebreak).lower() not in ("false", "0", "no") and not _sharded(model)
+        self.tiebreak_report = TiebreakReport()
+        self._items = None  # (task, doc id) per request of the loglikelihood call in flight
         # As the export's generation_config: end of text, and end of turn for chat models.
         self.stop_ids = tuple(i for i in (tokenizer.eos_id, tokenizer.special_tokens.get("<|im_end|>")) if i is not None)
+
+    def take_tiebreak_report(self) -> TiebreakReport:
+        """What the tiebreak did since the last call (close items re-scored per task, ...)."""
+        report, self.tiebreak_report = self.tiebreak_report, TiebreakReport()
+        return report
 
     # --- what lm-eval asks of a TemplateLM --------------------------------------------------
     @property
@@ -87,9 +99,21 @@ class ZagreusLM(TemplateLM):
     def tok_decode(self, tokens: list[int]) -> str:
         return self.zt.decode(tokens)
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        # Which requests are one document's choices is known only here, on lm-eval's Instances.
+        self._items = [(req.task_name, req.doc_id) for req in requests]
+        try:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._items = None
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         pairs = [(ctx, cont) for _, ctx, cont in requests]
-        results = score_pairs(self.model, pairs, batch_tokens=self.batch_tokens, progress=not disable_tqdm)
+        scores = score_pairs(self.model, pairs, batch_tokens=self.batch_tokens, progress=not disable_tqdm)
+        results = scores.results()
+        if self.tiebreak and self._items is not None and len(self._items) == len(requests):
+            results, report = decide_close_calls(self.model, requests, scores, self._items, self.gen_batch)
+            self.tiebreak_report.merge(report)
         for (key, _, _), res in zip(requests, results):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, res)
@@ -106,7 +130,7 @@ class ZagreusLM(TemplateLM):
                 owners.append(i)
         scores = score_pairs(self.model, windows, batch_tokens=self.batch_tokens, progress=not disable_tqdm)
         totals = [0.0] * len(requests)
-        for owner, (logp, _) in zip(owners, scores):
+        for owner, logp in zip(owners, scores.logprob):
             totals[owner] += logp
         for req, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
@@ -145,6 +169,12 @@ class ZagreusLM(TemplateLM):
         return out
 
 
+def _sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def generate_batch(model, prompts: list[list[int]], params: SamplingParams, until: list[str], decode) -> list[str]:
     """Decode several prompts at once with one Decoder.
 
@@ -175,8 +205,9 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams, unti
         logits = decoder.step(feed)
 
 
-def make_lm(model_or_path, tokenizer=None, batch_size: int = EVAL_BATCH_SIZE, device: str | None = None) -> ZagreusLM:
+def make_lm(model_or_path, tokenizer=None, batch_size: int = EVAL_BATCH_SIZE, device: str | None = None,
+            tiebreak: bool = True) -> ZagreusLM:
     """A ZagreusLM from a path or from an in-memory (model, tokenizer)."""
     if isinstance(model_or_path, (str, Path)):
-        return ZagreusLM(pretrained=str(model_or_path), batch_size=batch_size, device=device)
-    return ZagreusLM(model=model_or_path, tokenizer=tokenizer, batch_size=batch_size)
+        return ZagreusLM(pretrained=str(model_or_path), batch_size=batch_size, device=device, tiebreak=tiebreak)
+    return ZagreusLM(model=model_or_path, tokenizer=tokenizer, batch_size=batch_size, tiebreak=tiebreak)

@@ -54,19 +54,28 @@ def run_tasks(lm, tasks: list[str], num_fewshot: int | dict[str, int] | None = N
     for name, spec in zip(tasks, specs):
         k = num_fewshot.get(name) if isinstance(num_fewshot, dict) else num_fewshot
         groups.setdefault(k, []).append(spec)
+    from zagreus.eval.tiebreak import TiebreakReport
+
     summary: dict[str, dict] = {}
     raw: dict[str, Any] = {"results": {}, "samples": {}}
+    tiebreak = TiebreakReport()
+    take_report = getattr(lm, "take_tiebreak_report", None)  # ours has one; lm-eval's HFLM not
     for k, group in groups.items():
         try:
             out = simple_evaluate(model=lm, tasks=group, num_fewshot=k, limit=limit, task_manager=task_manager(),
                                   log_samples=log_samples, bootstrap_iters=0, verbosity=None)
         except ConnectionError as exc:
             raise UserError(_offline_hint(group, exc)) from None
+        report = take_report() if take_report else TiebreakReport()
+        tiebreak.merge(report)
         for task, metrics in out["results"].items():
             n = out.get("n-samples", {}).get(task, {}).get("effective")
             summary[task] = _task_entry(task, metrics, n, k)
+            if report.requests:
+                summary[task]["rescored"] = report.rescored_items.get(task, 0)
         raw["results"].update(out["results"])
         raw["samples"].update(out.get("samples", {}))
+    raw["tiebreak"] = tiebreak.as_dict() if tiebreak.requests else None
     return summary, raw
 
 
@@ -88,9 +97,9 @@ def evaluate(model: str | Path, tasks: list[str], num_fewshot: int | dict[str, i
     check_task_names(tasks)
     start = time.perf_counter()
     lm = make_lm(model, batch_size=batch_size, device=device)
-    summary, _ = run_tasks(lm, tasks, num_fewshot=num_fewshot, limit=limit, data_dir=data_dir)
+    summary, raw = run_tasks(lm, tasks, num_fewshot=num_fewshot, limit=limit, data_dir=data_dir)
     return {
-        "model": str(model), "tasks": summary, "limit": limit, "num_fewshot": num_fewshot,
+        "model": str(model), "tasks": summary, "tiebreak": raw["tiebreak"], "limit": limit, "num_fewshot": num_fewshot,
         "data_dir": str(data_dir) if data_dir else None, "seconds": round(time.perf_counter() - start, 2),
         "zagreus_version": __version__, "lm_eval_version": _lm_eval_version(),
     }

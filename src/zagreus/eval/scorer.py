@@ -13,6 +13,10 @@ This is what makes our evaluator faster than lm-eval's `hf` model, with the same
 
 Truncation follows lm-eval's HFLM: when context + continuation exceed the model's context,
 the context is cut from the left so that the model sees the last `max_seq_len` tokens.
+
+The sums differ from HFLM's in the last bits (other shapes, other summation order), so each
+request also carries its greedy margin, from which `zagreus.eval.tiebreak` finds the close
+calls to decide again in HFLM's own layout.
 """
 
 from __future__ import annotations
@@ -92,38 +96,59 @@ def _pack(trees: list[_Tree], device: torch.device):
             torch.tensor(rows), torch.tensor(cols), torch.tensor(targets), torch.tensor(owners))
 
 
+@dataclass
+class PairScores:
+    """Per request: sum of log p(continuation | context), whether every token is the argmax,
+    the continuation's token count, and the greedy margin: the smallest gap, over its tokens,
+    between the top logit and the runner-up (target not top) or the target (target top)."""
+
+    logprob: list[float]
+    greedy: list[bool]
+    n_tokens: list[int]
+    greedy_margin: list[float]
+
+    def results(self) -> list[tuple[float, bool]]:
+        """lm-eval's (log-likelihood, is_greedy) pairs."""
+        return list(zip(self.logprob, self.greedy))
+
+
 @torch.inference_mode()
 def token_logprobs(model: Transformer, hidden: torch.Tensor, targets: torch.Tensor,
-                   chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) and whether target is the argmax, for hidden states [N, D] and targets [N].
+                   chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p(target), whether target is the argmax, and the greedy gap (see PairScores), for
+    hidden states [N, D] and targets [N].
 
     Chunked so the [chunk, vocab] logits stay in cache on CPU (16 rows measured best, d=64,
     128k vocabulary) and kernels stay large on GPU; fp32 like HFLM's log_softmax.
     """
     weight = model.lm_head.weight
     chunk = chunk or (16 if hidden.device.type == "cpu" else 1024)
-    logps, greedy = [], []
+    logps, greedy, gaps = [], [], []
     for s in range(0, hidden.shape[0], chunk):
         logits = (hidden[s:s + chunk] @ weight.T).float()
         tgt = targets[s:s + chunk].to(logits.device)
         picked = logits.gather(1, tgt[:, None])[:, 0]
         logps.append(picked - torch.logsumexp(logits, dim=-1))
-        greedy.append(logits.argmax(dim=-1) == tgt)
-    return torch.cat(logps).cpu(), torch.cat(greedy).cpu()
+        top2, index = logits.topk(2, dim=-1)
+        is_top = index[:, 0] == tgt
+        greedy.append(is_top)
+        gaps.append(torch.where(is_top, top2[:, 0] - top2[:, 1], top2[:, 0] - picked))
+    return torch.cat(logps).cpu(), torch.cat(greedy).cpu(), torch.cat(gaps).cpu()
 
 
 @torch.inference_mode()
 def score_pairs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-                batch_tokens: int = 4096, progress: bool = False) -> list[tuple[float, bool]]:
-    """(sum of log p(continuation | context), continuation is the greedy one) for each pair."""
+                batch_tokens: int = 4096, progress: bool = False) -> PairScores:
+    """Scores of each (context, continuation) pair; see PairScores."""
     from tqdm import tqdm
 
     if not pairs:
-        return []
+        return PairScores([], [], [], [])
     device = next(model.parameters()).device
     trees = sorted(_build_trees(pairs, model.cfg.max_seq_len), key=lambda t: t.length, reverse=True)
     total = torch.zeros(len(pairs), dtype=torch.float64)
     all_greedy = torch.ones(len(pairs), dtype=torch.bool)
+    margin = torch.full((len(pairs),), float("inf"))
     bar = tqdm(total=len(pairs), desc="loglikelihood", disable=not progress, unit="req")
     i = 0
     while i < len(trees):
@@ -134,10 +159,11 @@ def score_pairs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequenc
         i += len(batch)
         tokens, positions, mask, rows, cols, targets, owners = _pack(batch, device)
         hidden = model(tokens, positions=positions, mask=mask, return_hidden=True)
-        logp, greedy = token_logprobs(model, hidden[rows.to(device), cols.to(device)], targets)
+        logp, greedy, gap = token_logprobs(model, hidden[rows.to(device), cols.to(device)], targets)
         total.index_add_(0, owners, logp.double())
         # A request is greedy only if every one of its tokens is the argmax.
         all_greedy[owners[~greedy]] = False
+        margin.scatter_reduce_(0, owners, gap, reduce="amin")
         bar.update(sum(len(t.requests) for t in batch))
     bar.close()
-    return [(float(total[j]), bool(all_greedy[j])) for j in range(len(pairs))]
+    return PairScores(total.tolist(), all_greedy.tolist(), [len(c) for _, c in pairs], margin.tolist())

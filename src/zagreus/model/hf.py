@@ -75,17 +75,19 @@ def from_llama_config(raw: dict, source: Path) -> ModelConfig:
     )
 
 
+def hf_names(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our tensors, not copied, under LlamaForCausalLM's names (Hugging Face's `model.` prefix);
+    a tied head appears under both names, as in LlamaForCausalLM's own state dict."""
+    return {name if name == "lm_head.weight" else f"model.{name}": tensor.detach()
+            for name, tensor in model.state_dict().items()}
+
+
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our parameter names with Hugging Face's `model.` prefix; a tied head is stored once."""
-    out = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            if model.cfg.tie_embeddings:
-                continue
-            out[name] = tensor
-        else:
-            out[f"model.{name}"] = tensor
-    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+    """hf_names on the CPU, for a file: a tied head is stored once."""
+    out = hf_names(model)
+    if model.cfg.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return {k: v.to("cpu").contiguous() for k, v in out.items()}
 
 
 def save_hf(model: Transformer, tokenizer, out_dir: Path, chat_template: str | None = None,

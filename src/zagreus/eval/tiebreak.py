@@ -1,0 +1,224 @@
+"""Close calls decided the way lm-eval's `hf` model (HFLM) decides them.
+
+Our scorer (`zagreus.eval.scorer`) packs an item's choices into one row and projects only the
+positions that predict continuation tokens. Its sums equal HFLM's to a few units in the last
+place of fp32 (measured up to 7.5e-5 on sums of about -120, 128k vocabulary), but not bit for
+bit, and on a near tie that flips a decision. HFLM is not consistent with itself either: the
+same request gives other last bits at another batch size, because a row's result depends on
+the width its batch is padded to. So "the way lm-eval decides" means HFLM at the same batch
+size, and after the fast pass:
+
+1. **Calibrate.** A spread sample of requests is scored again as HFLM scores them. The largest
+   difference per continuation token, times SAFETY, bounds the error of every fast score
+   (times its token count).
+2. **Find the close calls.** An item (one document of one task) is close when the pick of any
+   of lm-eval's multiple-choice metrics could change within that bound: the raw sum (acc), the
+   sum per character or per UTF-8 byte of the choice (acc_norm, acc_bytes), conditional minus
+   unconditional (acc_mutual_info). A request is close on its own when its greedy margin is
+   within the bound (is_greedy, exact_match).
+3. **Re-score** every request of a close item in HFLM's layout: transformers' LlamaForCausalLM
+   holding our weights (shared, not copied), one unpacked sequence per request, left-truncated
+   as HFLM does, right-padded to the width of the batch HFLM puts it in (lm-eval's own Collator
+   decides that), full-vocabulary log_softmax in the model's dtype, summed in that dtype.
+
+On CPU a row's numbers depend on its padded width but not on the other rows of its batch
+(checked bitwise), so this reproduces HFLM's numbers exactly. On a GPU the kernels may also
+depend on the batch's row count, so agreement there is to within that.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Hashable, Sequence
+
+import torch
+
+from zagreus.eval.scorer import PairScores
+from zagreus.model.llama import Transformer
+
+log = logging.getLogger(__name__)
+
+# The bound is the largest per-token difference seen in the sample, times this. The sample's
+# maximum underestimates the population's; 4x covered every request of the benchmark runs
+# (docs/benchmarks.md).
+SAFETY = 4.0
+# No bound below about 8 units in the last place of a log-probability near -12 in fp32.
+MIN_PER_TOKEN = 8 * 2.0 ** -20
+
+Request = tuple[tuple[str, str] | None, Sequence[int], Sequence[int]]  # lm-eval's (strings, ctx ids, cont ids)
+
+
+@dataclass
+class TiebreakReport:
+    """What the tiebreak did in one loglikelihood call: for the results file."""
+
+    requests: int = 0
+    calibrated: int = 0
+    per_token_bound: float = 0.0
+    rescored_requests: int = 0
+    rescored_items: Counter = field(default_factory=Counter)  # task -> close items re-scored
+
+    def merge(self, other: "TiebreakReport") -> None:
+        self.requests += other.requests
+        self.calibrated += other.calibrated
+        self.per_token_bound = max(self.per_token_bound, other.per_token_bound)
+        self.rescored_requests += other.rescored_requests
+        self.rescored_items.update(other.rescored_items)
+
+    def as_dict(self) -> dict:
+        return {"requests": self.requests, "calibrated": self.calibrated, "per_token_bound": self.per_token_bound,
+                "rescored_requests": self.rescored_requests, "rescored_items": dict(self.rescored_items)}
+
+
+def hf_twin(model: Transformer):
+    """transformers' LlamaForCausalLM over our model's own tensors, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from zagreus.model.hf import hf_names, to_llama_config
+
+    param = next(model.parameters())
+    config = LlamaConfig(**{**to_llama_config(model.cfg), "torch_dtype": str(param.dtype).removeprefix("torch.")})
+    with torch.device("meta"):
+        twin = LlamaForCausalLM(config)
+    twin.load_state_dict(hf_names(model), assign=True, strict=True)
+    # The RoPE frequencies are a buffer outside the state dict: build them for real.
+    twin.model.rotary_emb = LlamaRotaryEmbedding(config=config).to(param.device)
+    return twin.eval()
+
+
+def hflm_widths(requests: Sequence[Request], batch_size: int, max_len: int) -> list[int]:
+    """The width HFLM pads each request's row to: lm-eval's Collator (sorted by length, one row
+    per shared context + continuation[:-1]) in batches of batch_size; a batch is as wide as
+    its first, longest row."""
+    from lm_eval.models.utils import Collator
+
+    def row_len(req: Request) -> int:
+        return min(len(req[1]) + len(req[2]), max_len + 1) - 1
+
+    def sort_key(req: Request):
+        toks = list(req[1]) + list(req[2])
+        return -len(toks), tuple(toks)
+
+    collator = Collator(list(requests), sort_fn=sort_key, group_by="contexts",
+                        group_fn=lambda req: list(req[1]) + list(req[2])[:-1])
+    width_of_row: dict[tuple[int, ...], int] = {}
+    for chunk in collator.get_batched(n=batch_size):
+        width = row_len(chunk[0])
+        for req in chunk:
+            width_of_row[tuple(req[1]) + tuple(req[2][:-1])] = width
+    return [width_of_row[tuple(req[1]) + tuple(req[2][:-1])] for req in requests]
+
+
+@torch.inference_mode()
+def hflm_scores(twin, requests: Sequence[Request], indices: Sequence[int], widths: Sequence[int],
+                max_len: int, batch_size: int) -> dict[int, tuple[float, bool]]:
+    """HFLM's (log-likelihood, is_greedy) for the chosen requests, row by row as HFLM computes them."""
+    import torch.nn.functional as F
+
+    device = next(twin.parameters()).device
+    by_width: dict[int, list[int]] = {}
+    for i in indices:
+        by_width.setdefault(widths[i], []).append(i)
+    out: dict[int, tuple[float, bool]] = {}
+    for width, members in by_width.items():
+        for s in range(0, len(members), batch_size):
+            batch = members[s:s + batch_size]
+            tokens = torch.zeros(len(batch), width, dtype=torch.long)
+            lengths = []
+            for row, i in enumerate(batch):
+                _, ctx, cont = requests[i]
+                inp = (list(ctx) + list(cont))[-(max_len + 1):][:-1]
+                tokens[row, :len(inp)] = torch.tensor(inp)
+                lengths.append(len(inp))
+            logprobs = F.log_softmax(twin(tokens.to(device)).logits, dim=-1)
+            for row, (i, n) in enumerate(zip(batch, lengths)):
+                cont = torch.tensor(list(requests[i][2]), device=device)
+                picked = logprobs[row, n - len(cont):n]
+                greedy = bool((picked.argmax(dim=-1) == cont).all())
+                out[i] = (float(picked.gather(1, cont[:, None]).sum()), greedy)
+    return out
+
+
+def calibration_sample(n: int) -> list[int]:
+    """About 0.5% of the requests (16 to 32), evenly spread: each costs what HFLM pays for it."""
+    k = min(n, max(16, min(32, math.ceil(n / 200))))
+    return sorted({round(j * (n - 1) / max(k - 1, 1)) for j in range(k)})
+
+
+def _could_flip(values: Sequence[float], errors: Sequence[float]) -> bool:
+    """Whether the argmax of values could change if each moved by up to its error."""
+    top = max(range(len(values)), key=values.__getitem__)
+    return any(j != top and values[top] - values[j] <= errors[top] + errors[j] for j in range(len(values)))
+
+
+def _item_is_close(requests: Sequence[Request], members: list[int], logprob: Sequence[float],
+                   error: Sequence[float]) -> bool:
+    """Close for any of lm-eval's multiple-choice picks (see the module docstring)."""
+    strings = [requests[i][0] for i in members]
+    if len(members) < 2 or any(s is None for s in strings):
+        return False
+    conditional = [i for i, (ctx, _) in zip(members, strings) if ctx != ""]
+    unconditional = [i for i, (ctx, _) in zip(members, strings) if ctx == ""]
+    if len(conditional) == len(unconditional) and conditional:
+        # acc_mutual_info: lm-eval appends ("", continuation) for every choice.
+        mutual = [logprob[c] - logprob[u] for c, u in zip(conditional, unconditional)]
+        if _could_flip(mutual, [error[c] + error[u] for c, u in zip(conditional, unconditional)]):
+            return True
+    chosen = conditional or members
+    conts = [requests[i][0][1] for i in chosen]
+    # lm-eval scores delimiter + choice but divides by the choice's length; the delimiter is
+    # the whitespace every continuation starts with, so try the lengths with and without it.
+    delimiter = min(len(c) - len(c.lstrip()) for c in conts)
+    weights = [[1.0] * len(conts)]
+    for cut in {0, delimiter}:
+        weights.append([max(len(c[cut:]), 1) for c in conts])
+        weights.append([max(len(c[cut:].encode("utf-8")), 1) for c in conts])
+    for w in weights:
+        if _could_flip([logprob[i] / wi for i, wi in zip(chosen, w)], [error[i] / wi for i, wi in zip(chosen, w)]):
+            return True
+    return False
+
+
+def decide_close_calls(model: Transformer, requests: Sequence[Request], scores: PairScores,
+                       items: Sequence[tuple[str, Hashable]], batch_size: int,
+                       ) -> tuple[list[tuple[float, bool]], TiebreakReport]:
+    """The fast results, with the calibration sample and every close call in HFLM's numbers.
+
+    items: (task, document id) of each request; requests of one item are its choices.
+    """
+    n = len(requests)
+    report = TiebreakReport(requests=n)
+    results = scores.results()
+    if not n:
+        return results, report
+    max_len = model.cfg.max_seq_len
+    twin = hf_twin(model)
+    widths = hflm_widths(requests, batch_size, max_len)
+    sample = calibration_sample(n)
+    reference = hflm_scores(twin, requests, sample, widths, max_len, batch_size)
+    worst = max(abs(reference[i][0] - scores.logprob[i]) / scores.n_tokens[i] for i in sample)
+    per_token = max(SAFETY * worst, MIN_PER_TOKEN)
+    report.calibrated, report.per_token_bound = len(sample), per_token
+    error = [per_token * k for k in scores.n_tokens]
+
+    members: dict[tuple[str, Hashable], list[int]] = {}
+    for i, item in enumerate(items):
+        members.setdefault(item, []).append(i)
+    close: set[int] = set()
+    for item, group in members.items():
+        greedy_close = any(scores.greedy_margin[i] <= 2 * per_token for i in group)
+        if greedy_close or _item_is_close(requests, group, scores.logprob, error):
+            close.update(group)
+            report.rescored_items[item[0]] += 1
+    todo = sorted(close - reference.keys())
+    reference.update(hflm_scores(twin, requests, todo, widths, max_len, batch_size))
+    report.rescored_requests = len(close)
+    for i, value in reference.items():
+        results[i] = value
+    log.info("tiebreak: bound %.2e per token from %d sampled requests; %d of %d requests re-scored in "
+             "HFLM's layout (%d close items)", per_token, len(sample), len(close), n, sum(report.rescored_items.values()))
+    return results, report
