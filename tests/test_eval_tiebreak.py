@@ -180,5 +180,5 @@ def test_widths_follow_hflm_batches(trained_export):
             requests, disable_tqdm=True)
         widths = hflm_widths(requests, batch, model.cfg.max_seq_len)
         subset = rng.sample(range(len(requests)), 20)
-        got = hflm_scores(twin, requests, subset, widths, model.cfg.max_seq_len, batch)
+        got = hflm_scores(twin, requests, subset, widths, model.cfg.max_seq_len)
         assert {i: got[i] for i in subset} == {i: want[i] for i in subset}

@@ -20,6 +20,7 @@ size, and after the fast pass:
    holding our weights (shared, not copied), one unpacked sequence per request, left-truncated
    as HFLM does, right-padded to the width of the batch HFLM puts it in (lm-eval's own Collator
    decides that), full-vocabulary log_softmax in the model's dtype, summed in that dtype.
+   One row per forward pass, so memory stays at one row's logits.
 
 On CPU a row's numbers depend on its padded width but not on the other rows of its batch
 (checked bitwise), so this reproduces HFLM's numbers exactly. On a GPU the kernels may also
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence
@@ -60,6 +62,7 @@ class TiebreakReport:
     per_token_bound: float = 0.0
     rescored_requests: int = 0
     rescored_items: Counter = field(default_factory=Counter)  # task -> close items re-scored
+    seconds: float = 0.0  # the tiebreak's own time: twin, calibration, re-scoring
 
     def merge(self, other: "TiebreakReport") -> None:
         self.requests += other.requests
@@ -67,10 +70,12 @@ class TiebreakReport:
         self.per_token_bound = max(self.per_token_bound, other.per_token_bound)
         self.rescored_requests += other.rescored_requests
         self.rescored_items.update(other.rescored_items)
+        self.seconds += other.seconds
 
     def as_dict(self) -> dict:
         return {"requests": self.requests, "calibrated": self.calibrated, "per_token_bound": self.per_token_bound,
-                "rescored_requests": self.rescored_requests, "rescored_items": dict(self.rescored_items)}
+                "rescored_requests": self.rescored_requests, "rescored_items": dict(self.rescored_items),
+                "seconds": round(self.seconds, 2)}
 
 
 def hf_twin(model: Transformer):
@@ -115,31 +120,26 @@ def hflm_widths(requests: Sequence[Request], batch_size: int, max_len: int) -> l
 
 @torch.inference_mode()
 def hflm_scores(twin, requests: Sequence[Request], indices: Sequence[int], widths: Sequence[int],
-                max_len: int, batch_size: int) -> dict[int, tuple[float, bool]]:
-    """HFLM's (log-likelihood, is_greedy) for the chosen requests, row by row as HFLM computes them."""
+                max_len: int) -> dict[int, tuple[float, bool]]:
+    """HFLM's (log-likelihood, is_greedy) for the chosen requests, computed as HFLM computes them.
+
+    One row per forward pass: on CPU the row's numbers are those of HFLM's batch all the same,
+    and memory stays at one row's full-vocabulary logits whatever the batch size.
+    """
     import torch.nn.functional as F
 
     device = next(twin.parameters()).device
-    by_width: dict[int, list[int]] = {}
-    for i in indices:
-        by_width.setdefault(widths[i], []).append(i)
     out: dict[int, tuple[float, bool]] = {}
-    for width, members in by_width.items():
-        for s in range(0, len(members), batch_size):
-            batch = members[s:s + batch_size]
-            tokens = torch.zeros(len(batch), width, dtype=torch.long)
-            lengths = []
-            for row, i in enumerate(batch):
-                _, ctx, cont = requests[i]
-                inp = (list(ctx) + list(cont))[-(max_len + 1):][:-1]
-                tokens[row, :len(inp)] = torch.tensor(inp)
-                lengths.append(len(inp))
-            logprobs = F.log_softmax(twin(tokens.to(device)).logits, dim=-1)
-            for row, (i, n) in enumerate(zip(batch, lengths)):
-                cont = torch.tensor(list(requests[i][2]), device=device)
-                picked = logprobs[row, n - len(cont):n]
-                greedy = bool((picked.argmax(dim=-1) == cont).all())
-                out[i] = (float(picked.gather(1, cont[:, None]).sum()), greedy)
+    for i in indices:
+        _, ctx, cont = requests[i]
+        inp = (list(ctx) + list(cont))[-(max_len + 1):][:-1]
+        tokens = torch.zeros(1, widths[i], dtype=torch.long)
+        tokens[0, :len(inp)] = torch.tensor(inp)
+        logprobs = F.log_softmax(twin(tokens.to(device)).logits, dim=-1)
+        target = torch.tensor(list(cont), device=device)
+        picked = logprobs[0, len(inp) - len(target):len(inp)]
+        greedy = bool((picked.argmax(dim=-1) == target).all())
+        out[i] = (float(picked.gather(1, target[:, None]).sum()), greedy)
     return out
 
 
@@ -190,6 +190,7 @@ def decide_close_calls(model: Transformer, requests: Sequence[Request], scores: 
 
     items: (task, document id) of each request; requests of one item are its choices.
     """
+    start = time.perf_counter()
     n = len(requests)
     report = TiebreakReport(requests=n)
     results = scores.results()
@@ -199,7 +200,7 @@ def decide_close_calls(model: Transformer, requests: Sequence[Request], scores: 
     twin = hf_twin(model)
     widths = hflm_widths(requests, batch_size, max_len)
     sample = calibration_sample(n)
-    reference = hflm_scores(twin, requests, sample, widths, max_len, batch_size)
+    reference = hflm_scores(twin, requests, sample, widths, max_len)
     worst = max(abs(reference[i][0] - scores.logprob[i]) / scores.n_tokens[i] for i in sample)
     per_token = max(SAFETY * worst, MIN_PER_TOKEN)
     report.calibrated, report.per_token_bound = len(sample), per_token
@@ -215,10 +216,11 @@ def decide_close_calls(model: Transformer, requests: Sequence[Request], scores: 
             close.update(group)
             report.rescored_items[item[0]] += 1
     todo = sorted(close - reference.keys())
-    reference.update(hflm_scores(twin, requests, todo, widths, max_len, batch_size))
+    reference.update(hflm_scores(twin, requests, todo, widths, max_len))
     report.rescored_requests = len(close)
     for i, value in reference.items():
         results[i] = value
+    report.seconds = time.perf_counter() - start
     log.info("tiebreak: bound %.2e per token from %d sampled requests; %d of %d requests re-scored in "
              "HFLM's layout (%d close items)", per_token, len(sample), len(close), n, sum(report.rescored_items.values()))
     return results, report
