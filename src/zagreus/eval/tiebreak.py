@@ -44,8 +44,8 @@ from zagreus.model.llama import Transformer
 log = logging.getLogger(__name__)
 
 # The bound is the largest per-token difference seen in the sample, times this. The sample's
-# maximum underestimates the population's; 4x covered every request of the benchmark runs
-# (docs/benchmarks.md).
+# maximum underestimates the population's; with 4x every decision of the eight benchmark runs
+# equalled HFLM's (docs/benchmarks.md).
 SAFETY = 4.0
 # No bound below about 8 units in the last place of a log-probability near -12 in fp32.
 MIN_PER_TOKEN = 8 * 2.0 ** -20
