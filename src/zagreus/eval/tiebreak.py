@@ -171,10 +171,10 @@ def _item_is_close(requests: Sequence[Request], members: list[int], logprob: Seq
     chosen = conditional or members
     conts = [requests[i][0][1] for i in chosen]
     # lm-eval scores delimiter + choice but divides by the choice's length; the delimiter is
-    # the whitespace every continuation starts with, so try the lengths with and without it.
+    # within the whitespace every continuation starts with, so try each length it could have.
     delimiter = min(len(c) - len(c.lstrip()) for c in conts)
     weights = [[1.0] * len(conts)]
-    for cut in {0, delimiter}:
+    for cut in range(delimiter + 1):
         weights.append([max(len(c[cut:]), 1) for c in conts])
         weights.append([max(len(c[cut:].encode("utf-8")), 1) for c in conts])
     for w in weights:
