@@ -99,12 +99,11 @@ def _pack(trees: list[_Tree], device: torch.device):
 @dataclass
 class PairScores:
     """Per request: sum of log p(continuation | context), whether every token is the argmax,
-    the continuation's token count, and the greedy margin: the smallest gap, over its tokens,
-    between the top logit and the runner-up (target not top) or the target (target top)."""
+    and the greedy margin: the smallest gap, over its tokens, between the top logit and the
+    runner-up (target not top) or the target (target top)."""
 
     logprob: list[float]
     greedy: list[bool]
-    n_tokens: list[int]
     greedy_margin: list[float]
 
     def results(self) -> list[tuple[float, bool]]:
@@ -143,7 +142,7 @@ def score_pairs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequenc
     from tqdm import tqdm
 
     if not pairs:
-        return PairScores([], [], [], [])
+        return PairScores([], [], [])
     device = next(model.parameters()).device
     trees = sorted(_build_trees(pairs, model.cfg.max_seq_len), key=lambda t: t.length, reverse=True)
     total = torch.zeros(len(pairs), dtype=torch.float64)
@@ -166,4 +165,4 @@ def score_pairs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequenc
         margin.scatter_reduce_(0, owners, gap, reduce="amin")
         bar.update(sum(len(t.requests) for t in batch))
     bar.close()
-    return PairScores(total.tolist(), all_greedy.tolist(), [len(c) for _, c in pairs], margin.tolist())
+    return PairScores(total.tolist(), all_greedy.tolist(), margin.tolist())

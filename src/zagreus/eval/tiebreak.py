@@ -201,10 +201,11 @@ def decide_close_calls(model: Transformer, requests: Sequence[Request], scores: 
     widths = hflm_widths(requests, batch_size, max_len)
     sample = calibration_sample(n)
     reference = hflm_scores(twin, requests, sample, widths, max_len)
-    worst = max(abs(reference[i][0] - scores.logprob[i]) / scores.n_tokens[i] for i in sample)
+    n_tokens = [len(cont) for _, _, cont in requests]
+    worst = max(abs(reference[i][0] - scores.logprob[i]) / n_tokens[i] for i in sample)
     per_token = max(SAFETY * worst, MIN_PER_TOKEN)
     report.calibrated, report.per_token_bound = len(sample), per_token
-    error = [per_token * k for k in scores.n_tokens]
+    error = [per_token * k for k in n_tokens]
 
     members: dict[tuple[str, Hashable], list[int]] = {}
     for i, item in enumerate(items):
