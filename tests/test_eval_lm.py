@@ -177,6 +177,37 @@ def test_scorer_shares_context_and_truncates_like_hflm(export):
         assert greedy == bool((logits.argmax(-1) == torch.tensor(cont)).all())
 
 
+def test_tiled_projection_equals_whole_vocabulary_rows():
+    """The CPU projection's vocabulary tiles (online log-sum-exp, running top-2) give the
+    log-probs, argmax and gaps of one whole-vocabulary log_softmax, whatever the tile sizes,
+    including a last tile narrower than the rest and targets on tile edges."""
+    from types import SimpleNamespace
+
+    from zagreus.eval.scorer import token_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    vocab, dim, n = 1000, 16, 150
+    weight = torch.randn(vocab, dim, generator=gen)
+    hidden = torch.randn(n, dim, generator=gen)
+    # Most targets random, some the row's own argmax (greedy), some on tile edges.
+    logits = hidden @ weight.T
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    targets[::3] = logits.argmax(-1)[::3]
+    targets[1::7] = torch.tensor([0, 127, 128, 255, 256, 999, 998] * 4)[: len(targets[1::7])]
+    want_logp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    top2 = logits.topk(2, -1).values
+    want_greedy = logits.argmax(-1) == targets
+    picked = logits.gather(1, targets[:, None])[:, 0]
+    want_gap = torch.where(want_greedy, top2[:, 0] - top2[:, 1], top2[:, 0] - picked)
+    model = SimpleNamespace(lm_head=SimpleNamespace(weight=weight))
+    for rows, block in ((64, 128), (7, 300), (150, 1000), (1, 999)):
+        logp, greedy, gap = token_logprobs(model, hidden, targets, rows=rows, block=block)
+        torch.testing.assert_close(logp, want_logp, atol=1e-5, rtol=0)
+        assert torch.equal(greedy, want_greedy), (rows, block)
+        torch.testing.assert_close(gap, want_gap, atol=1e-5, rtol=0)
+    assert want_greedy.sum() >= n // 4 and (~want_greedy).sum() >= n // 2
+
+
 def test_offline_task_docs_equal_lm_eval_okapi(data_dir, tmp_path):
     """zagreus_arc_it and zagreus_hellaswag_it build lm-eval's okapi documents from the same records."""
     import datasets
