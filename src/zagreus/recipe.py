@@ -175,6 +175,9 @@ class ParallelSection(Strict):
     pp_microbatches: int = Field(0, ge=0, description="pipeline micro-batches per step; 0 = pp")
     param_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="FSDP2 compute dtype of parameters; auto = bfloat16 on CUDA, float32 on CPU")
+    reduce_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of FSDP2's gradient reduce-scatter / all-reduce (float32 keeps the sum exact to "
+                               "fp32 whatever param_dtype is)")
     loss_parallel: bool = Field(True, description="with tp > 1, keep logits sharded over the vocabulary in the loss")
 
 

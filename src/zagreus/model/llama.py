@@ -166,14 +166,23 @@ class Transformer(nn.Module):
         The Zagreus preset's 0.03227 is init_method.std of the Nanotron config in the authors'
         repository README (the report's text states no init). Unlike Nanotron's standard init, the
         output projections (o_proj, down_proj) are not scaled down by sqrt(2 x layers).
+
+        Works on any distributed form of the model (a pipeline stage, TP/FSDP DTensors, AC
+        wrappers) and gives every layout the single-process weights: the matrices are drawn in
+        the whole model's module order from one generator, one full matrix at a time, and each
+        rank keeps its own shard of the matrices it holds.
         """
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for module in self.modules():
+        here = {name.replace("._checkpoint_wrapped_module", ""): module for name, module in self.named_modules()}
+        with torch.device("meta"):
+            whole = Transformer(self.cfg)  # the module order and shapes; no memory
+        for name, module in whole.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                w = torch.empty(module.weight.shape).normal_(0.0, self.cfg.init_std, generator=gen)
-                module.weight.copy_(w)
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
+                full = torch.empty(module.weight.shape).normal_(0.0, self.cfg.init_std, generator=gen)
+                if name in here:
+                    _write_shard(here[name].weight, full)
+            elif isinstance(module, RMSNorm) and name in here:
+                here[name].weight.fill_(1.0)
         self.inv_freq.copy_(rope_frequencies(self.cfg))
 
     def forward(
@@ -206,18 +215,45 @@ class Transformer(nn.Module):
         return self.lm_head(h)
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> Transformer:
-    """Create the model on the meta device (no memory, no init work), then materialise and initialise it.
+def _write_shard(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy `full` into `param`, or only this rank's part of it when `param` is a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        # src_data_rank=None: every rank holds `full`, so each takes its shard without communication.
+        shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(full)
+
+
+def meta_model(cfg: ModelConfig) -> Transformer:
+    """The model on the meta device: shapes only, no memory, no init work. Parallelise it, then
+    `materialize` it, so that each rank only ever allocates its own shard."""
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def materialize(model: Transformer, device: str | torch.device, seed: int | None = 0) -> Transformer:
+    """Allocate a meta-device model (whole, or in any distributed form) on `device` and initialise it.
 
     seed None leaves the weights uninitialised (a checkpoint or a weights file will overwrite them).
     """
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device=device)
-    if cfg.tie_embeddings:  # to_empty gives each module its own parameter; tie them again
-        model.lm_head.weight = model.embed_tokens.weight
+    # Swapping parameters in place keeps shared ones shared (tied embeddings) and keeps the
+    # parameter objects that FSDP2 and the optimizer refer to.
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
     with torch.no_grad():
-        model.inv_freq.copy_(rope_frequencies(cfg))  # a non-persistent buffer: no checkpoint restores it
+        model.inv_freq.copy_(rope_frequencies(model.cfg))  # a non-persistent buffer: no checkpoint restores it
     if seed is not None:
         model.init_weights(seed)
     return model
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> Transformer:
+    """The whole model on `device`, built on the meta device first; seed None: uninitialised."""
+    return materialize(meta_model(cfg), device, seed)

@@ -27,7 +27,7 @@ from zagreus.data.loader import TokenLoader
 from zagreus.devices import autocast, pick_device
 from zagreus.errors import UserError
 from zagreus.model.config import ModelConfig
-from zagreus.model.llama import build_model
+from zagreus.model.llama import materialize, meta_model
 from zagreus.recipe import PretrainSection, Recipe, dump_recipe
 from zagreus.rundir import RunDir
 from zagreus.tokenizer import Tokenizer, load_tokenizer
@@ -191,16 +191,22 @@ def _model_config(recipe: Recipe, tokenizer: Tokenizer) -> ModelConfig:
 
 def _parallel_model(cfg: ModelConfig, p: PretrainSection, dims: ParallelDims, accum: int,
                     device: torch.device) -> tuple[nn.Module, ParallelModel]:
-    """(the plain model, its distributed form): pipeline split -> TP -> AC -> compile -> FSDP2."""
-    model = build_model(cfg, device, seed=p.seed)
+    """(the plain model, its distributed form): pipeline split -> TP -> AC -> compile -> FSDP2.
+
+    Built on the meta device and parallelised there; each rank then allocates and initialises
+    only its own shard (the single-process weights, whatever the layout).
+    """
+    model = meta_model(cfg)
     par = p.parallel
     # compute_loss is looked up when called, so a test can wrap it.
     parallel = parallelize(model, dims, build_mesh(dims, device.type), device,
                            model_loss=lambda m, x, y: compute_loss(m, {"input": x, "target": y}, p.loss_chunk),
                            loss_parallel=par.loss_parallel, activation_checkpointing=p.activation_checkpointing,
                            compile=p.compile, param_dtype=resolve_param_dtype(par.param_dtype, device),
+                           reduce_dtype=getattr(torch, par.reduce_dtype),
                            pp_schedule=par.pp_schedule, pp_microbatches=par.pp_microbatches,
                            local_batch=p.micro_batch * accum, autocast=lambda: autocast(device))
+    materialize(model, device, seed=p.seed)
     return model, parallel
 
 

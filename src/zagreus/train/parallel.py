@@ -256,7 +256,12 @@ def apply_compile(model: Transformer) -> None:
 
 def apply_data_parallel(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, param_dtype: torch.dtype,
                         reduce_dtype: torch.dtype = torch.float32) -> None:
-    """FSDP2 (HSDP when dp_replicate > 1) or, with dp_shard = 1, FSDP-style replication."""
+    """FSDP2 (HSDP when dp_replicate > 1) or, with dp_shard = 1, FSDP-style replication.
+
+    The MixedPrecisionPolicy: parameters are kept (and optimised) in float32 and all-gathered
+    as `param_dtype` for compute; gradients are reduced in `reduce_dtype` and handed to the
+    optimizer in float32.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
@@ -457,9 +462,14 @@ class ParallelModel:
 def parallelize(model: Transformer, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device, *,
                 loss_fn: LossFn = cross_entropy, model_loss: ModelLossFn | None = None, loss_parallel: bool = True,
                 activation_checkpointing: bool = False, compile: bool = False, param_dtype: torch.dtype = torch.float32,
-                pp_schedule: str = "1f1b", pp_microbatches: int = 0, local_batch: int | None = None,
+                reduce_dtype: torch.dtype = torch.float32, pp_schedule: str = "1f1b", pp_microbatches: int = 0,
+                local_batch: int | None = None,
                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> ParallelModel:
-    """Turn a full, initialised model (identical on every rank) into this rank's distributed part.
+    """Turn a whole model into this rank's distributed part, in place.
+
+    The model is normally still on the meta device (`zagreus.model.llama.meta_model`); each rank
+    then materialises only its shard (`materialize`). An initialised model, identical on every
+    rank, works as well.
 
     Order: pipeline split -> TP -> AC -> compile -> FSDP2 (see the module docstring for why).
     """
@@ -477,7 +487,7 @@ def parallelize(model: Transformer, dims: ParallelDims, mesh: DeviceMesh | None,
     if compile:
         apply_compile(model)
     if dims.dp > 1:
-        apply_data_parallel(model, dims, mesh, param_dtype)
+        apply_data_parallel(model, dims, mesh, param_dtype, reduce_dtype)
     return ParallelModel(model, dims, mesh, device, loss_fn=loss_fn, model_loss=model_loss, loss_parallel=loss_parallel,
                          pp_schedule=pp_schedule, pp_microbatches=pp_microbatches, local_batch=local_batch,
                          autocast=autocast)
