@@ -2,7 +2,8 @@
 
 The export: a 2-layer d=64 Llama, random init (scores are near chance; the point is speed at
 equal numbers), over the full 128,256-token Llama-3 vocabulary (`--vocab llama3`) or a 4,096-token
-BPE trained on the task's own text (`--vocab small`), one export per `--seeds` entry.
+BPE trained on the task's own text (`--vocab small`), one export per `--seeds` entry; or a named
+preset's shape with its own init (`--preset zagreus-0.4b`, for the GPU: `--device cuda`).
 The task: the Italian ARC-Challenge test (1169 items) through the offline `zagreus_arc_it`
 task, zero-shot. Three sides per seed, each in its own subprocess (so peak memory is its own),
 timed from model load to results, after lm-eval's task index is built:
@@ -13,6 +14,7 @@ Prints per seed the wall times, speed-ups, acc and acc_norm of each side, whethe
 HFLM item by item, the re-scored counts and the largest per-choice log-likelihood difference.
 
     python benchmarks/eval.py --data-dir ../shared/data/bench --threads 1 [--vocab small] [--seeds 0,1,2,3]
+    python benchmarks/eval.py --data-dir DIR --preset zagreus-0.4b --device cuda --json-out results.json
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ log = logging.getLogger("bench.eval")
 TASK = "zagreus_arc_it"
 
 
-def make_export(out: Path, init_std: float, seed: int, vocab: str, data_dir: Path) -> Path:
-    from zagreus.model.config import ModelConfig
+def make_export(out: Path, init_std: float, seed: int, vocab: str, data_dir: Path, preset: str | None) -> Path:
+    from zagreus.model.config import ModelConfig, resolve_model_config
     from zagreus.model.hf import save_hf
     from zagreus.model.llama import Transformer
     from zagreus.tokenizer import load_tokenizer, train_bpe
@@ -43,16 +45,20 @@ def make_export(out: Path, init_std: float, seed: int, vocab: str, data_dir: Pat
     else:
         items = json.loads((data_dir / "m_arc_it_test.json").read_text(encoding="utf-8"))
         tok = train_bpe([" ".join(str(v) for v in item.values()) for item in items], 4096, out.parent / "tokenizer")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                      intermediate_size=256, max_seq_len=2048, init_std=init_std,
-                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    if preset:
+        cfg = resolve_model_config(preset, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    else:
+        cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                          intermediate_size=256, max_seq_len=2048, init_std=init_std,
+                          bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     model = Transformer(cfg)
     model.init_weights(seed)
     save_hf(model, tok, out)
     return out
 
 
-def run_side(side: str, export: Path, data_dir: Path, limit: int | None, batch_size: int, out: Path) -> None:
+def run_side(side: str, export: Path, data_dir: Path, limit: int | None, batch_size: int, out: Path,
+             device: str) -> None:
     """One side in this process; writes timing, scores and per-item outputs to `out`."""
     from zagreus.eval.registry import task_manager
     from zagreus.eval.run import run_tasks
@@ -62,11 +68,11 @@ def run_side(side: str, export: Path, data_dir: Path, limit: int | None, batch_s
     if side in ("ours", "fast"):
         from zagreus.eval.lm import make_lm
 
-        lm = make_lm(export, batch_size=batch_size, tiebreak=side == "ours")
+        lm = make_lm(export, batch_size=batch_size, device=device, tiebreak=side == "ours")
     else:
         from lm_eval.models.huggingface import HFLM
 
-        lm = HFLM(pretrained=str(export), batch_size=batch_size, device="cpu")
+        lm = HFLM(pretrained=str(export), batch_size=batch_size, device=device)
     summary, raw = run_tasks(lm, [TASK], limit=limit, data_dir=data_dir, log_samples=True)
     seconds = time.perf_counter() - start
     samples = sorted(raw["samples"][TASK], key=lambda s: s["doc_id"])
@@ -79,12 +85,12 @@ def run_side(side: str, export: Path, data_dir: Path, limit: int | None, batch_s
 
 
 def compare_seed(seed: int, args, env: dict, tmp: Path) -> dict:
-    export = make_export(tmp / f"seed{seed}" / "export", args.init_std, seed, args.vocab, args.data_dir)
+    export = make_export(tmp / f"seed{seed}" / "export", args.init_std, seed, args.vocab, args.data_dir, args.preset)
     results = {}
     for side in ("ours", "fast", "hf"):
         out = tmp / f"seed{seed}" / f"{side}.json"
         cmd = [sys.executable, "-P", __file__, "--side", side, "--export", str(export), "--out", str(out),
-               "--data-dir", str(args.data_dir), "--batch-size", str(args.batch_size)]
+               "--data-dir", str(args.data_dir), "--batch-size", str(args.batch_size), "--device", args.device]
         cmd += ["--limit", str(args.limit)] if args.limit else []
         cmd += ["--threads", str(args.threads)] if args.threads else []
         subprocess.run(cmd, check=True, env=env, stderr=subprocess.DEVNULL)
@@ -123,6 +129,9 @@ def main() -> None:
     parser.add_argument("--init-std", type=float, default=0.2, help="a wide init keeps choices' scores apart")
     parser.add_argument("--vocab", choices=["llama3", "small"], default="llama3")
     parser.add_argument("--seeds", default="0", help="comma-separated model seeds, one export each")
+    parser.add_argument("--preset", help="a model preset's shape and init instead of the 2-layer d=64 model")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, both sides")
+    parser.add_argument("--json-out", type=Path, help="also write each seed's figures here")
     parser.add_argument("--side", choices=["ours", "fast", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--export", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -133,17 +142,24 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     if args.side:
-        run_side(args.side, args.export, args.data_dir, args.limit, args.batch_size, args.out)
+        run_side(args.side, args.export, args.data_dir, args.limit, args.batch_size, args.out, args.device)
         return
     if not (args.data_dir / "m_arc_it_test.json").is_file():
         sys.exit(f"{args.data_dir}/m_arc_it_test.json not found; pass --data-dir (see ../shared/data/README.md)")
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    print(f"task {TASK}, vocab {args.vocab}, batch {args.batch_size}, threads {args.threads or 'default'}")
-    identical = []
+    print(f"task {TASK}, vocab {args.vocab}, model {args.preset or '2-layer d=64'}, device {args.device}, "
+          f"batch {args.batch_size}, threads {args.threads or 'default'}")
+    identical, figures = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(x) for x in args.seeds.split(",")):
-            identical.append(report(seed, compare_seed(seed, args, env, Path(tmp))))
+            results = compare_seed(seed, args, env, Path(tmp))
+            identical.append(report(seed, results))
+            figures.append({"seed": seed, "identical_per_item": identical[-1],
+                            **{side: {k: r[k] for k in ("seconds", "metrics", "peak_rss_gb", "tiebreak")}
+                               for side, r in results.items()}})
     print(f"identical to lm-eval hf per item on {sum(identical)} of {len(identical)} seeds")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

@@ -265,7 +265,9 @@ def apply_data_parallel(model: Transformer, dims: ParallelDims, mesh: DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    if dims.dp_shard > 1:
+    # dp_shard = dp_replicate = 1 shards over a one-rank mesh: FSDP2 on a single GPU, which
+    # benchmarks/gpu_check.py uses to run NCCL and the mixed-precision policy on one device.
+    if dims.dp_shard > 1 or dims.dp_replicate == 1:
         dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
         # With pipelining every micro-batch would all-gather again: keep blocks unsharded.
         reshard = dims.pp == 1
