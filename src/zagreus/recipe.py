@@ -122,6 +122,9 @@ class DataSection(Strict):
     unit_bytes: int = Field(4 << 20, ge=1024, description="input bytes per work unit (the grain of parallelism and resume)")
     add_bos: bool = True
     add_eos: bool = False
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="a damaged input file (gzip/zstd stream or parquet cut short or corrupt): fail stops "
+                            "naming the file and byte; skip leaves the whole file out, counted in the manifest")
     executor: ExecutorSection = ExecutorSection()
 
     @field_validator("sources")
