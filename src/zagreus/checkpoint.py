@@ -8,8 +8,12 @@ DTensors, and loads under another layout), one `rank-N.pt` per rank with its RNG
 meta.json (step, tokens seen in total and per source, data-loader state, recipe, model config,
 tokenizer folder, code version). Everything is written under `.tmp-step-000100` and renamed;
 meta.json is written last inside it, so a folder named step-N with a meta.json is complete and
-a crash during a save never touches the checkpoints already there. Where checkpoints sit in a
-run directory is zagreus.rundir's business.
+a crash during a save never touches the checkpoints already there. meta.json records the size and
+xxh3-128 hash of every other file (every rank's), so `verify_checkpoint` finds flipped bytes, cut
+or missing files; on resume a damaged latest checkpoint is set aside as step-N.corrupt and the
+newest intact one loads. A save that fails for want of disk space (or on a read-only, forbidden
+or failing disk) removes its partial folder and raises an OSError naming the path, which the CLI
+prints as one line. Where checkpoints sit in a run directory is zagreus.rundir's business.
 
 `load_model_and_tokenizer(path)` opens an export folder, a checkpoint or a run directory's latest
 checkpoint: what eval, serve, release and post-training start from. It lives below all of them.
@@ -17,6 +21,7 @@ checkpoint: what eval, serve, release and post-training start from. It lives bel
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -24,11 +29,13 @@ import os
 import shutil
 import subprocess
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import xxhash
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -43,10 +50,16 @@ from zagreus.errors import UserError
 from zagreus.model.config import ModelConfig
 from zagreus.model.hf import load_hf
 from zagreus.model.llama import Transformer, build_model
-from zagreus.rundir import META, enclosing_run, is_checkpoint, list_checkpoints, locate, read_meta, resolve_checkpoint, step_name
+from zagreus.rundir import (META, enclosing_run, is_checkpoint, latest_checkpoint, list_checkpoints, locate, read_meta,
+                            resolve_checkpoint, set_aside, step_name)
 from zagreus.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+FILES = "files"  # meta.json's record of the other files: {name: {"size": bytes, HASH: hex digest}}
+HASH = "xxh3_128"  # about 10 GB/s on one core: a small part of the time a save takes (see README)
+FULL = 1 << 20  # a disk that failed a write with less than this free is full
+
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict:
@@ -81,13 +94,28 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
                     meta: dict, keep: int | None = None, rank_state: dict | None = None) -> Path:
     """Write checkpoint `step` under `root` atomically (every rank calls this); prune to the last `keep`.
 
-    meta: JSON-able facts of the run (tokens seen, loader state, recipe...); step and code
-    version are added. rank_state: this rank's own small objects (RNG states), torch.save'd.
+    meta: JSON-able facts of the run (tokens seen, loader state, recipe...); step, code version
+    and the files' sizes and hashes are added. rank_state: this rank's own small objects (RNG
+    states), torch.save'd. On a full, read-only, forbidden or failing disk the partial folder is
+    removed and an OSError naming the path is raised (the CLI prints ENOSPC, EROFS, EACCES and EIO
+    as one line); the checkpoints already there stay as they were.
     """
     root = Path(root)
+    tmp = root / f".tmp-{step_name(step)}"
+    try:
+        return _save(root, tmp, step, model, optimizer, meta, keep, rank_state)
+    except (Exception, dcp.CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+        failure = _os_error(exc, root)  # before the partial folder goes, so that a full disk still shows
+        shutil.rmtree(tmp, ignore_errors=True)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+def _save(root: Path, tmp: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, meta: dict,
+          keep: int | None, rank_state: dict | None) -> Path:
     rank, _ = _rank_world()
     final = root / step_name(step)
-    tmp = root / f".tmp-{step_name(step)}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a save that crashed earlier
@@ -101,10 +129,14 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, checkpoint_id=str(tmp), no_dist=_no_dist())
-    torch.save(rank_state or {}, tmp / f"rank-{rank}.pt")
+    # Through a Python file, so that a failed write's OSError (errno) survives torch's "unexpected pos" error.
+    with open(tmp / f"rank-{rank}.pt", "wb") as f:
+        torch.save(rank_state or {}, f)
     _barrier()
     if rank == 0:
-        full_meta = {"step": step, **meta, "code_version": code_version()}
+        # After the barrier every rank's files are complete; rank 0 hashes them all (they share the folder).
+        files = {p.name: {"size": p.stat().st_size, HASH: _digest(p)} for p in sorted(tmp.iterdir())}
+        full_meta = {"step": step, **meta, "code_version": code_version(), FILES: files}
         meta_tmp = tmp / (META + ".tmp")
         with open(meta_tmp, "w", encoding="utf-8") as f:
             json.dump(full_meta, f, indent=2)
@@ -123,6 +155,36 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
     return final
 
 
+def _digest(path: Path) -> str:
+    digest = xxhash.xxh3_128()
+    buffer = bytearray(1 << 24)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _os_error(exc: BaseException, root: Path) -> OSError | None:
+    """The OS error behind a failed save, as an OSError naming a path; None when the OS is not the cause.
+
+    torch.save reports a failed write as "unexpected pos" (a RuntimeError whose __context__ holds
+    the OSError) and DCP wraps each rank's failure in a CheckpointException. Under torchrun those
+    arrive pickled, without their context, so a full disk is also recognised by its free space.
+    """
+    pending: list[BaseException] = [exc]
+    while pending:
+        error = pending.pop()
+        if isinstance(error, OSError) and error.errno:
+            return OSError(error.errno, os.strerror(error.errno), error.filename or str(root))
+        if isinstance(error, dcp.CheckpointException):
+            pending += [failure for failure, _ in error.failures.values()]
+        pending += [e for e in (error.__cause__, error.__context__) if e is not None]
+    if root.is_dir() and shutil.disk_usage(root).free < FULL:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(root))
+    return None
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -132,6 +194,58 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    damage: str | None  # which files differ from meta.json's record and how; None when all match
+    checked: bool  # the files were compared with recorded checksums (not for checkpoints saved before they carried them)
+
+
+def verify_checkpoint(checkpoint: Path) -> Verdict:
+    """Every file of a checkpoint against the size and hash its meta.json records."""
+    try:
+        records = json.loads((checkpoint / META).read_text(encoding="utf-8")).get(FILES)
+    except ValueError as exc:  # not JSON (cut short) or not UTF-8
+        return Verdict(f"{META}: unreadable ({exc})", False)
+    if records is None:
+        return Verdict(None, False)
+    damage = []
+    for name, want in records.items():
+        path = checkpoint / name
+        if not path.is_file():
+            damage.append(f"{name}: missing")
+        elif (size := path.stat().st_size) != want["size"]:
+            damage.append(f"{name}: {size:,} bytes, {META} records {want['size']:,}")
+        elif (digest := _digest(path)) != want[HASH]:
+            damage.append(f"{name}: {HASH} {digest[:16]}, {META} records {want[HASH][:16]} (bytes changed)")
+    return Verdict("; ".join(damage) or None, True)
+
+
+def latest_intact_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint under `root` whose files match its meta.json (every rank calls this).
+
+    Rank 0 verifies from the newest down and sets each damaged one aside as step-N.corrupt, with one
+    warning line saying which file differs and how. Nothing is deleted.
+    """
+    before = list_checkpoints(root)
+    _barrier()  # every rank has listed before rank 0 renames anything
+    if _rank_world()[0] == 0:
+        for _, checkpoint in reversed(before):
+            verdict = verify_checkpoint(checkpoint)
+            if verdict.damage is None:
+                if not verdict.checked:
+                    log.info("%s carries no checksums (saved before checkpoints did); loading it unverified", checkpoint)
+                break
+            aside = set_aside(checkpoint)
+            log.warning("checkpoint %s is damaged: %s; set aside as %s, resuming from the newest intact one",
+                        checkpoint, verdict.damage, aside.name)
+    _barrier()
+    latest = latest_checkpoint(root)
+    if before and latest is None:
+        raise UserError(f"{root}: every checkpoint is damaged (set aside as step-N.corrupt, see the lines above); "
+                        f"restore one from a copy, or run the same command again to train from step 0")
+    return latest
 
 
 def load_checkpoint(checkpoint: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict]:

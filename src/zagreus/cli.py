@@ -2,11 +2,13 @@
 
 Every verb is a thin module-level function in its package's `commands.py`, whose `register(app)`
 adds it (or its verb group); those modules import only typer at module level, so `--help` is
-instant. Mistakes the user can fix (UserError) print one line and exit with status 2, no traceback.
+instant. Mistakes the user can fix (UserError) print one line and exit with status 2, no traceback;
+so do a full, read-only, forbidden or failing disk (OSError ENOSPC, EROFS, EACCES, EIO).
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -23,6 +25,17 @@ COMMAND_MODULES = ("launch", "data", "train", "eval", "post", "release", "serve"
 for package in COMMAND_MODULES:
     importlib.import_module(f"zagreus.{package}.commands").register(app)
 
+# The fix for each disk error a stage can hit in its run directory (checkpoints say where theirs happened).
+DISK_ERRORS = {
+    errno.ENOSPC: "no space left on device (ENOSPC); free space on that disk or move the run to a larger one, "
+                  "then run the same command again",
+    errno.EROFS: "read-only file system (EROFS); remount it read-write or choose a writable folder, "
+                 "then run the same command again",
+    errno.EACCES: "permission denied (EACCES); give this user write access (chown/chmod) or choose another folder",
+    errno.EIO: "input/output error (EIO); the disk or network filesystem is failing: check `dmesg`, "
+               "copy the run to healthy storage and run it there",
+}
+
 
 def main() -> None:
     # OpenMP threads that spin at barriers collapse on a shared CPU (measured on 2 busy cores: 436
@@ -34,6 +47,11 @@ def main() -> None:
         code = app(standalone_mode=False)
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        typer.echo(f"error: {f'{exc.filename}: ' if exc.filename else ''}{DISK_ERRORS[exc.errno]}", err=True)
         sys.exit(2)
     except typer.Abort:
         sys.exit(130)

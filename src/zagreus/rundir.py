@@ -14,10 +14,12 @@ module, so the layout below is written down once:
     release/                       the released model with its model card
 
 A checkpoint folder is complete when it holds meta.json (written last, then the folder renamed).
+A damaged one is set aside as step-N.corrupt, which no listing counts as a checkpoint.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -49,6 +51,14 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
         if match and (child / META).is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Rename a damaged checkpoint to step-N.corrupt (step-N.corrupt-2, ... when set aside before), out of every listing."""
+    names = (f"{checkpoint.name}.corrupt" + (f"-{n}" if n > 1 else "") for n in itertools.count(1))
+    target = next(checkpoint.with_name(name) for name in names if not checkpoint.with_name(name).exists())
+    checkpoint.rename(target)
+    return target
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:

@@ -1,4 +1,4 @@
-"""CLI verb of the training stage: `zagreus pretrain RECIPE`.
+"""CLI verbs of the training stage: `zagreus pretrain RECIPE`, `zagreus checkpoint verify RUN_DIR`.
 
 Only typer at module level, so `zagreus --help` does not wait for torch; the stage loads inside the verb.
 """
@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+
+from zagreus.errors import UserError
 
 
 def _quick_eval(recipe):
@@ -38,5 +40,39 @@ def pretrain(recipe: Path = typer.Argument(..., help="YAML recipe; its data stag
                    + (f", val loss {last['val_loss']:.4f}, val bits/byte {last['val_bpb']:.4f}" if "val_loss" in last else ""))
 
 
+def verify(run_dir: Path = typer.Argument(..., help="run directory (every stage's checkpoints) or one checkpoint folder")) -> None:
+    """Check every file of each checkpoint against the size and hash its meta.json records; exit 1 if any differs."""
+    from zagreus.checkpoint import verify_checkpoint
+    from zagreus.rundir import POST_STAGES, list_checkpoints, locate
+
+    found = locate(run_dir)
+    if found.kind == "export":
+        raise UserError(f"{run_dir}: an export folder carries no checksums; pass a run directory or a checkpoint folder")
+    if found.kind == "checkpoint":
+        folders = [found.path]
+    else:
+        roots = [found.run.checkpoints, *(found.run.stage(name).checkpoints for name in POST_STAGES)]
+        folders = [folder for root in roots for _, folder in list_checkpoints(root)]
+    if not folders:
+        raise UserError(f"{run_dir}: no checkpoints to verify (looked in checkpoints/ and "
+                        f"{', '.join(f'{name}/checkpoints/' for name in POST_STAGES)})")
+    damaged = 0
+    for folder in folders:
+        verdict = verify_checkpoint(folder)
+        name = folder.relative_to(found.path) if found.kind == "run" else folder
+        if verdict.damage:
+            damaged += 1
+            typer.echo(f"{name}: DAMAGED: {verdict.damage}")
+        else:
+            typer.echo(f"{name}: OK" + ("" if verdict.checked else " (unverified: saved before checkpoints carried checksums)"))
+    if damaged:
+        typer.echo(f"{damaged} of {len(folders)} checkpoints damaged; `zagreus pretrain` (or sft, dpo) sets a damaged "
+                   f"latest checkpoint aside and resumes from the newest intact one", err=True)
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     app.command("pretrain")(pretrain)
+    group = typer.Typer(no_args_is_help=True, help="Checkpoints: verify their files against meta.json.")
+    group.command("verify")(verify)
+    app.add_typer(group, name="checkpoint")

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from zagreus.checkpoint import load_checkpoint, save_checkpoint
+from zagreus.checkpoint import latest_intact_checkpoint, load_checkpoint, save_checkpoint
 from zagreus.errors import UserError
 from zagreus.rundir import latest_checkpoint, step_name
 from zagreus.train.metrics import MetricsLogger
@@ -160,8 +160,9 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------
     def resume(self) -> int:
-        """Load the latest checkpoint under `checkpoints`, if any; returns the step to continue from."""
-        latest = latest_checkpoint(self.checkpoints)
+        """Load the newest intact checkpoint under `checkpoints`, if any (damaged newer ones are set aside);
+        returns the step to continue from."""
+        latest = latest_intact_checkpoint(self.checkpoints)
         if latest is None:
             return 0
         meta, rank_state = load_checkpoint(latest, self.model, self.optimizer)
