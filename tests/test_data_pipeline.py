@@ -279,6 +279,7 @@ data:
   shard_tokens: 100000
   executor: {{kind: local, workers: 2}}
 model: {{preset: tiny}}
+pretrain: {{seq_len: 256}}
 """)
     res = CliRunner().invoke(app, ["data", "tokenize", str(recipe), "--no-progress"])
     assert res.exit_code == 0, res.output

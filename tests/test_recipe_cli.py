@@ -92,7 +92,7 @@ def test_check_prints_the_plan(tmp_path):
     (tmp_path / "docs.jsonl").write_text('{"text": "ciao"}\n')
     recipe = tmp_path / "plan.yaml"
     recipe.write_text(f"name: plan\nrun_dir: {tmp_path / 'run'}\ndata:\n  sources: [{{name: docs, path: docs.jsonl}}]\n"
-                      "model: {preset: tiny}\neval: {tasks: [zagreus_arc_it]}\n")
+                      "model: {preset: tiny}\npretrain: {seq_len: 256}\neval: {tasks: [zagreus_arc_it]}\n")
     result = zagreus("check", str(recipe))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

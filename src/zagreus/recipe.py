@@ -11,12 +11,12 @@ import difflib
 import glob
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from zagreus.errors import UserError
+from zagreus.errors import UserError, decode_utf8
 from zagreus.model.config import ModelConfig, resolve_model_config
 
 
@@ -31,10 +31,16 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Seeds count from 0; torch.manual_seed refuses 2**64 and above.
+Seed = Annotated[int, Field(ge=0, lt=2**64)]
+# A training sequence holds at least one token and the one after it to predict.
+SeqLen = Annotated[int, Field(ge=2)]
+
+
 # --- tokenizer ------------------------------------------------------------------------------
 class TokenizerTrain(Strict):
     vocab_size: int = Field(8192, ge=300)
-    max_chars: int = Field(20_000_000, description="characters of the training sources fed to the BPE trainer")
+    max_chars: int = Field(20_000_000, ge=1, description="characters of the training sources fed to the BPE trainer")
 
 
 class TokenizerSection(Strict):
@@ -77,10 +83,10 @@ class Source(Strict):
 
 
 class MinHashSection(Strict):
-    num_perm: int = 112
-    bands: int = 14
-    ngram: int = 5
-    threshold: float = 0.8
+    num_perm: int = Field(112, ge=1)
+    bands: int = Field(14, ge=1)
+    ngram: int = Field(5, ge=1)
+    threshold: float = Field(0.8, gt=0, le=1, description="estimated Jaccard similarity from which a document is a duplicate")
 
     @model_validator(mode="after")
     def _bands_divide(self) -> "MinHashSection":
@@ -90,13 +96,19 @@ class MinHashSection(Strict):
 
 
 class FiltersSection(Strict):
-    min_chars: int = 200
-    max_chars: int = 1_000_000
+    min_chars: int = Field(200, ge=0)
+    max_chars: int = Field(1_000_000, ge=1)
     languages: list[str] | None = Field(None, description="ISO 639-1 codes kept by language identification")
-    language_threshold: float = 0.5
+    language_threshold: float = Field(0.5, ge=0, le=1, description="least confidence of the language identifier")
     quality: bool = True
     dedup: Literal["none", "exact", "minhash"] = "exact"
     minhash: MinHashSection = MinHashSection()
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "FiltersSection":
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) exceeds max_chars ({self.max_chars}); no document would pass")
+        return self
 
 
 class ExecutorSection(Strict):
@@ -106,8 +118,8 @@ class ExecutorSection(Strict):
     tasks: int = Field(0, ge=0, description="shards of work; 0 means one per worker")
     partition: str | None = None
     time: str = "24:00:00"
-    cpus_per_task: int = 1
-    mem_per_cpu_gb: float = 2.0
+    cpus_per_task: int = Field(1, ge=1)
+    mem_per_cpu_gb: float = Field(2.0, gt=0)
     logging_dir: str | None = None
     job_name: str = "zagreus-data"
     env_command: str | None = Field(None, description="slurm: shell line activating the environment (default: this venv)")
@@ -153,10 +165,11 @@ class ModelSection(Strict):
 # --- pretraining ----------------------------------------------------------------------------
 class OptimizerSection(Strict):
     lr: float = Field(3e-3, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    clip: float = 1.0
+    # torch's AdamW refuses betas outside [0, 1) and a negative eps or weight_decay.
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    eps: float = Field(1e-8, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    clip: float = Field(1.0, ge=0, description="gradient norm clipped to; 0 does not clip")
     decay_norms_and_embeddings: bool = False
 
 
@@ -164,7 +177,7 @@ class ScheduleSection(Strict):
     kind: Literal["wsd", "cosine", "constant"] = "wsd"
     warmup: int = Field(4000, ge=0)
     decay: int = Field(50_000, ge=0, description="wsd: steps of the final linear decay")
-    min_lr: float = 1e-7
+    min_lr: float = Field(1e-7, ge=0)
 
 
 class ParallelSection(Strict):
@@ -183,6 +196,13 @@ class ParallelSection(Strict):
                                "fp32 whatever param_dtype is)")
     loss_parallel: bool = Field(True, description="with tp > 1, keep logits sharded over the vocabulary in the loss")
 
+    @field_validator("dp_shard")
+    @classmethod
+    def _some_ranks(cls, dp_shard: int) -> int:
+        if dp_shard == 0:
+            raise ValueError("use 1 or more, or -1 for every rank left by the others")
+        return dp_shard
+
 
 class CheckpointSection(Strict):
     every: int = Field(5000, ge=1)
@@ -190,25 +210,33 @@ class CheckpointSection(Strict):
 
 
 class PretrainSection(Strict):
-    seq_len: int = Field(4096, ge=2)
+    seq_len: SeqLen = 4096
     micro_batch: int = Field(4, ge=1)
-    tokens_per_step: int | None = Field(None, description="global batch in tokens; sets gradient accumulation")
+    tokens_per_step: int | None = Field(None, ge=1, description="global batch in tokens; sets gradient accumulation")
     steps: int = Field(800_000, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     optimizer: OptimizerSection = OptimizerSection()
     schedule: ScheduleSection = ScheduleSection()
     parallel: ParallelSection = ParallelSection()
     checkpoint: CheckpointSection = CheckpointSection()
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(1000, ge=1)
-    eval_batches: int = 20
+    eval_batches: int = Field(20, ge=1, description="held-out batches of each validation")
     compile: bool = False
     activation_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     loss_chunk: int = Field(1024, ge=1, description="tokens per chunk of the cross-entropy over the vocabulary "
                                                     "(one chunk of fp32 logits: 1024 x 128,256 x 4 B = 525 MB)")
-    peak_flops: float | None = Field(None, description="peak FLOP/s per device for MFU; None measures it")
+    peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s per device for MFU; None measures it")
     max_bad_steps: int = Field(5, ge=1, description="non-finite steps in a row that stop the run")
+
+    @model_validator(mode="after")
+    def _whole_micro_batches(self) -> "PretrainSection":
+        # The data-parallel ranks multiply this further; only torchrun knows them.
+        if self.tokens_per_step is not None and self.tokens_per_step % (self.seq_len * self.micro_batch):
+            raise ValueError(f"tokens_per_step ({self.tokens_per_step}) must be a multiple of seq_len x micro_batch "
+                             f"({self.seq_len * self.micro_batch})")
+        return self
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -218,7 +246,7 @@ EVAL_BATCH_SIZE = 16
 
 class EvalSection(Strict):
     tasks: list[str] = Field(default_factory=list, description="lm-eval tasks, or the offline zagreus_* ones")
-    num_fewshot: dict[str, int] = Field(default_factory=dict, description="per task, e.g. {m_mmlu_it: 5}")
+    num_fewshot: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict, description="per task, e.g. {m_mmlu_it: 5}")
     limit: int | None = Field(None, ge=1, description="items per task; None evaluates all")
     batch_size: int = Field(EVAL_BATCH_SIZE, ge=1, description="scoring packs batch_size x 256 tokens per forward")
     data_dir: str | None = Field(None, description="folder with the files of the offline zagreus_* tasks")
@@ -235,7 +263,7 @@ class ChatDataset(Strict):
     split: str = "train"
     path: str | list[str] | None = None
     format: Literal["auto", "messages", "conversation", "prompt_completion", "preference"] = "auto"
-    max_examples: int | None = None
+    max_examples: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _one_origin(self) -> "ChatDataset":
@@ -252,11 +280,11 @@ class SFTSection(Strict):
     datasets: list[ChatDataset] = Field(default_factory=list)
     template: Literal["chatml", "llama3"] = "chatml"
     packing: bool = Field(True, description="several conversations per row with document masking; false pads one per row")
-    seq_len: int = 4096
-    micro_batch: int = 4
+    seq_len: SeqLen = 4096
+    micro_batch: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    epochs: int = 3
-    seed: int = 0
+    epochs: int = Field(3, ge=1)
+    seed: Seed = 0
     optimizer: OptimizerSection = OptimizerSection(lr=1e-3)
     schedule: ScheduleSection = ScheduleSection(kind="cosine", warmup=100)
     log_every: int = Field(10, ge=1)
@@ -270,11 +298,11 @@ class DPOSection(Strict):
     datasets: list[ChatDataset] = Field(default_factory=list)
     template: Literal["chatml", "llama3"] = "chatml"
     beta: float = Field(0.1, gt=0)
-    seq_len: int = 2048
-    micro_batch: int = Field(4, description="preference pairs per micro-batch")
+    seq_len: SeqLen = 2048
+    micro_batch: int = Field(4, ge=1, description="preference pairs per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    epochs: int = 1
-    seed: int = 0
+    epochs: int = Field(1, ge=1)
+    seed: Seed = 0
     optimizer: OptimizerSection = OptimizerSection(lr=5e-7, weight_decay=0.0)
     schedule: ScheduleSection = ScheduleSection(kind="cosine", warmup=10)
     log_every: int = Field(10, ge=1)
@@ -337,11 +365,12 @@ def _expected(model: type[BaseModel], loc: tuple) -> str:
     return f"{hint}allowed keys: {', '.join(keys)}"
 
 
-def format_validation_error(path: Path, exc: ValidationError, model: type[BaseModel] = Recipe) -> str:
+def format_validation_error(path: Path, exc: ValidationError, model: type[BaseModel] = Recipe, prefix: str = "") -> str:
+    """The one line for the first problem; `prefix` is where `model` sits in the recipe (e.g. model.overrides)."""
     errors = exc.errors()
     # A misspelt key also shows up as a missing one; the unknown key carries the "did you mean".
     err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    where = _location(err["loc"]) or "(top level)"
+    where = ".".join(part for part in (prefix, _location(err["loc"])) if part) or "(top level)"
     more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
     if err["type"] == "extra_forbidden":
         return f"{path}: unknown key '{where}'; {_expected(model, err['loc'])}{more}"
@@ -375,7 +404,7 @@ def load_recipe(path: str | Path, check_inputs: bool = True) -> Recipe:
     if not path.is_file():
         raise UserError(f"{path}: recipe not found; pass the path of a YAML recipe (see recipes/)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(decode_utf8(path.read_bytes(), path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -392,12 +421,30 @@ def load_recipe(path: str | Path, check_inputs: bool = True) -> Recipe:
     if check_inputs:
         _check_inputs(recipe, path)
     try:
-        recipe.model.resolve()
+        model = recipe.model.resolve()
     except UserError as exc:
         raise UserError(f"{path}: key 'model.preset': {exc}") from None
     except ValidationError as exc:
-        raise UserError(format_validation_error(path, exc, ModelConfig).replace(": key '", ": key 'model.overrides.", 1)) from None
+        raise UserError(format_validation_error(path, exc, ModelConfig, prefix="model.overrides")) from None
+    _check_context(recipe, model, path)
     return recipe
+
+
+def _check_context(recipe: Recipe, model: ModelConfig, path: Path) -> None:
+    """Sequences of the stages that train the recipe's own model must fit its context (max_seq_len)."""
+    stages = []
+    if recipe.data is not None:  # a recipe without data does not pretrain
+        stages.append(("pretrain", recipe.pretrain))
+    # SFT starts from the run's pretrained model unless sft.init names another; DPO from SFT's unless dpo.init does.
+    own_sft = recipe.sft is not None and recipe.sft.init is None
+    if own_sft:
+        stages.append(("sft", recipe.sft))
+    if own_sft and recipe.dpo is not None and recipe.dpo.init is None:
+        stages.append(("dpo", recipe.dpo))
+    for name, section in stages:
+        if section.seq_len > model.max_seq_len:
+            raise UserError(f"{path}: key '{name}.seq_len': {section.seq_len} exceeds the model's context of "
+                            f"{model.max_seq_len} tokens (max_seq_len); lower it or raise model.overrides.max_seq_len")
 
 
 def dump_recipe(recipe: Recipe) -> str:

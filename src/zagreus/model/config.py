@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from zagreus.errors import UserError
 
@@ -11,30 +11,37 @@ class RopeScaling(BaseModel):
     """Llama-3 frequency scaling of RoPE (as in Llama-3.1/3.2 long-context models)."""
 
     model_config = ConfigDict(extra="forbid")
-    factor: float = 32.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    factor: float = Field(32.0, gt=0)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    original_max_position_embeddings: int = Field(8192, ge=1)
+
+    @model_validator(mode="after")
+    def _band(self) -> "RopeScaling":
+        # rope_frequencies divides by their difference.
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"high_freq_factor {self.high_freq_factor} must exceed low_freq_factor {self.low_freq_factor}")
+        return self
 
 
 class ModelConfig(BaseModel):
     """Shape of a Llama-3.2-style dense decoder."""
 
     model_config = ConfigDict(extra="forbid")
-    vocab_size: int = 128256
-    hidden_size: int = 960
-    n_layers: int = 32
-    n_heads: int = 15
-    n_kv_heads: int = 5
-    intermediate_size: int = 2560
-    max_seq_len: int = 4096
-    rope_theta: float = 10000.0
+    vocab_size: int = Field(128256, ge=1)
+    hidden_size: int = Field(960, ge=1)
+    n_layers: int = Field(32, ge=1)
+    n_heads: int = Field(15, ge=1)
+    n_kv_heads: int = Field(5, ge=1)
+    intermediate_size: int = Field(2560, ge=1)
+    max_seq_len: int = Field(4096, ge=2)  # a training sequence needs one token and the next
+    rope_theta: float = Field(10000.0, gt=0)
     rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = True
-    norm_eps: float = 1e-5
-    init_std: float = 0.03227  # init_method.std of that Nanotron config (not in the report's text)
-    bos_token_id: int = 128000
-    eos_token_id: int = 128001
+    norm_eps: float = Field(1e-5, gt=0)
+    init_std: float = Field(0.03227, gt=0)  # init_method.std of that Nanotron config (not in the report's text)
+    bos_token_id: int = Field(128000, ge=0)
+    eos_token_id: int = Field(128001, ge=0)
 
     @model_validator(mode="after")
     def _check_heads(self) -> "ModelConfig":
@@ -42,6 +49,8 @@ class ModelConfig(BaseModel):
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:  # RoPE rotates pairs of a head's channels
+            raise ValueError(f"hidden_size / n_heads = {self.head_dim} must be even")
         return self
 
     @property

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zagreus.errors import UserError
+from zagreus.errors import UserError, read_json
 
 TEMPLATES = ("chatml", "llama3")
 ROLES = ("system", "user", "assistant", "tool")
@@ -327,7 +327,7 @@ def jinja_template(template: str) -> str:
 def saved_chat_template(folder: str | Path) -> str | None:
     """The Jinja chat_template a saved model's tokenizer_config.json carries, if any."""
     cfg = Path(folder) / "tokenizer_config.json"
-    return json.loads(cfg.read_text(encoding="utf-8")).get("chat_template") if cfg.is_file() else None
+    return read_json(cfg).get("chat_template") if cfg.is_file() else None
 
 
 def template_of(folder: Path, explicit: str | None) -> str:
@@ -339,7 +339,7 @@ def template_of(folder: Path, explicit: str | None) -> str:
         return explicit
     record = Path(folder) / "zagreus.json"
     if record.is_file():
-        recorded = json.loads(record.read_text(encoding="utf-8")).get("template")
+        recorded = read_json(record).get("template")
         if recorded in TEMPLATES:
             return recorded
     saved = saved_chat_template(folder)

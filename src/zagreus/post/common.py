@@ -213,6 +213,9 @@ def train_stage(recipe, start: StageStart, task: EpochTask, summary: Callable[[d
     last = trainer.run() or last_logged(folder.metrics_dir)
     if last.get("stopped_by_signal"):
         return None
+    if trainer.step < 1:  # marked finished, a stage that learnt nothing would make a corrected rerun a no-op
+        raise UserError(f"{name}: trained no step ({task.total_steps} planned from {len(task.items)} {task.what}, "
+                        f"{name}.epochs {sec.epochs}); nothing exported and the stage is not marked finished")
     start.model.eval()
     export_dir = export(start.model, start.tokenizer, folder.export, sec.template, {"stage": name, "init": str(start.init_path)})
     facts = {"finished": True, "stage": name, "init": str(start.init_path), "template": sec.template,

@@ -10,13 +10,13 @@ Formats (`format:` of a dataset in the recipe; "auto" looks at the columns):
   rejected may repeat the prompt's messages, as in UltraFeedback; the shared part is dropped)
 
 Rows without an assistant turn are skipped and counted; malformed rows are skipped, counted, and
-the first few are reported with their file:line.
+the first few are reported with their file:line. Bytes that are not UTF-8 stop the stage at their
+file:line:column: a wrongly encoded file is one to re-save, not rows to drop.
 """
 
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 from collections import Counter
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from zagreus.data.sources import open_binary
-from zagreus.errors import UserError
+from zagreus.errors import UserError, decode_utf8, read_json
 from zagreus.post.chat import validate_messages
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,9 @@ def _local_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """(file:line, row) for jsonl/json/parquet; an unparsable line yields (where, exception)."""
     suffix = "".join(path.suffixes[-2:]) if path.suffix in (".gz", ".zst") else path.suffix
     if suffix in (".jsonl", ".jsonl.gz", ".jsonl.zst"):
-        with io.TextIOWrapper(open_binary(path), encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
+        with open_binary(path) as f:
+            for line_no, raw in enumerate(f, 1):
+                line = decode_utf8(raw, path, first_line=line_no)
                 if not line.strip():
                     continue
                 try:
@@ -89,12 +90,7 @@ def _local_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 except json.JSONDecodeError as exc:
                     yield f"{path}:{line_no}", ValueError(f"not valid JSON ({exc.msg})")
     elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: not valid JSON at line {exc.lineno}: {exc.msg}") from None
-        if not isinstance(data, list):
-            raise UserError(f"{path}: a .json dataset must be a list of rows; use .jsonl for one row per line")
+        data = read_json(path, expect=list, fix="a .json dataset is a list of rows; use .jsonl for one row per line")
         for i, row in enumerate(data):
             yield f"{path}:[{i}]", row
     elif suffix == ".parquet":

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from zagreus.errors import UserError
+from zagreus.errors import UserError, read_json
 
 # The split pattern of Llama-3 (and of our trained tokenizers).
 LLAMA3_PATTERN = (
@@ -80,7 +80,10 @@ class Tokenizer:
     def from_tokenizer_json(cls, path: Path) -> "Tokenizer":
         from tokenizers import Tokenizer as HFTokenizer
 
-        hf = HFTokenizer.from_file(str(path))
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise UserError(f"{path}: not a readable tokenizer file ({exc}); copy it again from where it came from") from None
         specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
         for required in (BOS, EOS):
             if required not in specials:
@@ -91,7 +94,7 @@ class Tokenizer:
         # with tiktoken's Llama-3 are accepted by the same tokenizer read back from tokenizer.json.
         config_path = path.with_name("tokenizer_config.json")
         if config_path.is_file():
-            saved = json.loads(config_path.read_text(encoding="utf-8")).get("zagreus_tokenizer")
+            saved = read_json(config_path).get("zagreus_tokenizer")
             if saved:
                 name, fingerprint = saved["name"], saved["fingerprint"]
         return cls(name, fingerprint, specials, hf=hf)
@@ -231,7 +234,7 @@ def _saved_identity(path: Path) -> dict:
     config_path = (path if path.is_dir() else path.parent) / "tokenizer_config.json"
     if not config_path.is_file():
         return {}
-    return json.loads(config_path.read_text(encoding="utf-8")).get("zagreus_tokenizer") or {}
+    return read_json(config_path).get("zagreus_tokenizer") or {}
 
 
 def read_texts(paths: Sequence[Path], text_field: str = "text", max_chars: int = 50_000_000) -> Iterator[str]:
