@@ -72,3 +72,20 @@ def test_mixed_precision_policy_dtypes_and_reduction(tmp_path) -> None:
 
     assert bf16_exact(runs["bfloat16"]["grads"]) == 1.0
     assert bf16_exact(runs["float32"]["grads"]) < 0.9
+
+
+def test_gpu_check_fsdp_on_one_rank_equals_plain_run(tmp_path) -> None:
+    """The GPU check's NCCL part, run on CPU (gloo): FSDP2 over a one-rank mesh, built on meta,
+    gives the losses of the plain model for 20 steps (benchmarks/gpu_check.py --smoke)."""
+    import json
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--parts", "nccl", "--out", str(tmp_path)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())["results"]["nccl"]
+    assert result["backend"] == "gloo" and len(result["fsdp_losses"]) == 20
+    # fp32 on CPU: equal up to summation order, far inside the bf16 tolerance the GPU run uses.
+    assert result["max_rel_diff"] < 1e-5
+    assert result["fsdp_losses"][-1] < result["fsdp_losses"][0]
+    assert "| yes |" in (tmp_path / "gpu_check.md").read_text()
