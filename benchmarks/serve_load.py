@@ -11,16 +11,31 @@ rendered with the export's ChatML template. Greedy, max_tokens 64 each. The serv
 own process (`zagreus serve`); the client is the official `openai` AsyncOpenAI.
 
     python benchmarks/serve_load.py [--requests 32] [--max-tokens 64] [--threads 1] [--model EXPORT]
+
+`--soak` runs the soak instead: `--clients` (64) clients for `--seconds` (60), each looping over a
+seeded mix of normal greedy chat requests (streaming or not), oversized bodies (2 MiB: 413),
+malformed ones (bad JSON, out-of-range fields: 400) and abandoned ones (a raw socket closed while
+its request waits, generates, or is still uploading). It prints the count of 5xx (must be 0),
+/health latency measured from a separate process every 50 ms (p99 target under 100 ms), the
+server's RSS at start, middle and end, whether every normal reply equals the reply the idle
+server gave to the same prompt before the soak, and how long the server takes to be idle after.
+
+    python benchmarks/serve_load.py --soak [--clients 64] [--seconds 60] [--max-tokens 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import gc
+import http.client
 import json
 import logging
+import multiprocessing
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -28,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 log = logging.getLogger("bench.serve_load")
 HANDBOOK = Path(__file__).resolve().parents[2] / "shared" / "data" / "handbook-5lang.jsonl"
@@ -162,14 +178,16 @@ def transformers_side(export: Path, prompts: list[str], max_tokens: int) -> tupl
 
 
 @contextlib.contextmanager
-def running_server(export: Path, extra: list[str]):
-    """A `zagreus serve` process on a free port; yields its base URL once /health answers."""
+def running_server(export: Path, extra: list[str], log: Path | None = None):
+    """A `zagreus serve` process on a free port (its output into `log`, if given); yields its base
+    URL and process once /health answers."""
     import httpx
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    out = log.open("w") if log else subprocess.DEVNULL
     server = subprocess.Popen([sys.executable, "-m", "zagreus.cli", "serve", str(export), "--port", str(port),
-                               "--name", "tiny", *extra], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                               "--name", "tiny", *extra], stderr=out, stdout=out)
     try:
         deadline = time.time() + 120
         while True:
@@ -181,10 +199,12 @@ def running_server(export: Path, extra: list[str]):
             if server.poll() is not None or time.time() > deadline:
                 sys.exit("the server did not start")
             time.sleep(0.2)
-        yield base
+        yield base, server
     finally:
         server.terminate()
         server.wait(timeout=30)
+        if log:
+            out.close()
 
 
 def load_check(base: str, label: str, prompts: list[str], max_tokens: int) -> tuple[list[dict], dict]:
@@ -196,6 +216,190 @@ def load_check(base: str, label: str, prompts: list[str], max_tokens: int) -> tu
     return results, summary(label, results, wall)
 
 
+# --- the soak --------------------------------------------------------------------------------
+MALFORMED = [
+    b"{not json",
+    b'{"messages": [{"role": "user", "content": "hi"}], "seed": 18446744073709551616}',
+    b'{"messages": [{"role": "wizard", "content": "hi"}]}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}",
+    b'{"messages": [{"role": "user", "content": "hi"}], "tools": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    b'{"model": "tiny"}',
+]
+OVERSIZED = json.dumps({"messages": [{"role": "user", "content": "x" * (2 << 20)}]}).encode()
+MIX = {"normal": 50, "oversized": 10, "malformed": 15, "abandoned": 25}  # weights of what a client sends next
+EXPECTED = {"normal": {200}, "oversized": {413}, "malformed": {400}}
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def probe_health(base: str, seconds: float, results) -> None:
+    """GET /health every 50 ms for `seconds` over one kept-alive connection, in its own process so
+    the load generator's own work does not count; sends back the latencies (None: a failed probe)."""
+    where = urlsplit(base)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=10)
+    latencies: list[float | None] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        start = time.perf_counter()
+        try:
+            conn.request("GET", "/health")
+            response = conn.getresponse()
+            response.read()
+            latencies.append(time.perf_counter() - start if response.status == 200 else None)
+        except OSError:
+            latencies.append(None)
+            conn.close()
+        time.sleep(0.05)
+    results.send(latencies)
+
+
+def chat_body(prompt: str, max_tokens: int, **extra) -> dict:
+    return {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+            "max_tokens": max_tokens, **extra}
+
+
+async def normal_request(client, prompt: str, max_tokens: int, stream: bool) -> tuple[int, str | None]:
+    """A greedy chat request; its status and reply text."""
+    if not stream:
+        r = await client.post("/v1/chat/completions", json=chat_body(prompt, max_tokens))
+        return r.status_code, r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else None
+    async with client.stream("POST", "/v1/chat/completions", json=chat_body(prompt, max_tokens, stream=True)) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return r.status_code, None
+        pieces = []
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return 500, None  # an error after the stream began: a server failure all the same
+                pieces += [c["delta"].get("content") or "" for c in chunk["choices"]]
+        return 200, "".join(pieces)
+
+
+async def chunked(body: bytes, size: int = 65536):
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+async def abandon(base: str, rng: random.Random, prompt: str) -> None:
+    """A request on a raw socket, closed after 50-500 ms: waiting, generating, or (one in four) mid-upload."""
+    where = urlsplit(base)
+    reader, writer = await asyncio.open_connection(where.hostname, where.port)
+    body = json.dumps(chat_body(prompt, 256, stream=rng.random() < 0.5)).encode()
+    declared = len(body) + (100_000 if rng.random() < 0.25 else 0)  # more than will ever come
+    writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {where.netloc}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {declared}\r\n\r\n".encode() + body)
+    await writer.drain()
+    await asyncio.sleep(rng.uniform(0.05, 0.5))
+    writer.close()
+
+
+async def soak_client(i: int, client, base: str, prompts: list[str], references: list[str], max_tokens: int,
+                      end: float, record) -> None:
+    rng = random.Random(i)
+    while time.monotonic() < end:
+        kind = rng.choices(list(MIX), weights=list(MIX.values()))[0]
+        j = rng.randrange(len(prompts))
+        try:
+            if kind == "normal":
+                stream = rng.random() < 0.5
+                status, text = await normal_request(client, prompts[j], max_tokens, stream)
+                record(kind, status, correct=text == references[j] if status == 200 else None)
+            elif kind == "oversized":
+                # Every other one without a Content-Length: chunked, refused as it passes the limit.
+                content = OVERSIZED if rng.random() < 0.5 else chunked(OVERSIZED)
+                record(kind, (await client.post("/v1/chat/completions", content=content)).status_code)
+            elif kind == "malformed":
+                record(kind, (await client.post("/v1/chat/completions", content=rng.choice(MALFORMED))).status_code)
+            else:
+                await abandon(base, rng, prompts[j])
+                record(kind, None)
+        except Exception as exc:  # a transport error is a failure to count, not a reason to stop the soak
+            record(kind, f"{type(exc).__name__}")
+
+
+async def run_soak(base: str, pid: int, prompts: list[str], references: list[str], clients: int, seconds: float,
+                   max_tokens: int) -> tuple[collections.Counter, list[bool], dict[str, float]]:
+    import httpx
+
+    counts: collections.Counter = collections.Counter()
+    replies: list[bool] = []  # for each normal reply, whether it equals the idle server's
+
+    def record(kind: str, status, correct: bool | None = None) -> None:
+        counts[(kind, status)] += 1
+        if correct is not None:
+            replies.append(correct)
+
+    rss = {"start": rss_mb(pid)}
+    end = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
+
+        async def middle() -> None:
+            await asyncio.sleep(seconds / 2)
+            rss["middle"] = rss_mb(pid)
+
+        await asyncio.gather(middle(), *(soak_client(i, client, base, prompts, references, max_tokens, end, record)
+                                         for i in range(clients)))
+    rss["end"] = rss_mb(pid)
+    return counts, replies, rss
+
+
+def soak(export: Path, handbook: Path, clients: int, seconds: float, max_tokens: int, log: Path) -> bool:
+    """The soak against one `zagreus serve` (default flags); prints its numbers, True if it met its targets."""
+    import httpx
+
+    prompts = prompts_from(handbook, 16)
+    with running_server(export, [], log) as (base, server):
+        with httpx.Client(base_url=base, timeout=120) as client:  # the idle server's replies, one at a time
+            references = [client.post("/v1/chat/completions", json=chat_body(p, max_tokens)).json()
+                          ["choices"][0]["message"]["content"] for p in prompts]
+        ctx = multiprocessing.get_context("spawn")
+        received, sent = ctx.Pipe(duplex=False)
+        prober = ctx.Process(target=probe_health, args=(base, seconds, sent))
+        prober.start()
+        gc.freeze()  # this process's collections would only slow the load it generates
+        counts, correct, rss = asyncio.run(run_soak(base, server.pid, prompts, references, clients, seconds,
+                                                    max_tokens))
+        probes = received.recv()
+        prober.join()
+        start = time.perf_counter()
+        while (health := httpx.get(base + "/health").json())["running"] or health["waiting"]:
+            if time.perf_counter() - start > 60:
+                break
+            time.sleep(0.05)
+        idle_after = time.perf_counter() - start
+    by_kind = collections.Counter()
+    for (kind, _), n in counts.items():
+        by_kind[kind] += n
+    server_errors = sum(n for (_, status), n in counts.items() if isinstance(status, int) and status >= 500)
+    unexpected = {f"{kind} {status}": n for (kind, status), n in counts.items()
+                  if kind in EXPECTED and status not in EXPECTED[kind]}
+    ok_probes = sorted(x for x in probes if x is not None)
+    p99 = pct(ok_probes, 99) * 1000
+    log_errors = [line for line in log.read_text().splitlines() if "Traceback" in line or " ERROR " in line]
+    print(f"soak: {clients} clients for {seconds:.0f} s against `zagreus serve` (default flags), "
+          f"greedy max_tokens {max_tokens}")
+    print("requests sent: " + ", ".join(f"{kind} {by_kind[kind]}" for kind in MIX))
+    print("statuses: " + ", ".join(f"{kind} {status}: {n}" for (kind, status), n in sorted(counts.items(), key=str)))
+    print(f"5xx: {server_errors}; unexpected statuses or transport errors: {sum(unexpected.values())} {unexpected or ''}")
+    print(f"normal replies equal to the idle server's reply to the same prompt: {sum(correct)}/{len(correct)}")
+    print(f"/health during the soak: {len(ok_probes)} probes ({len(probes) - len(ok_probes)} failed), "
+          f"p50 {pct(ok_probes, 50) * 1000:.1f} ms, p99 {p99:.1f} ms, max {ok_probes[-1] * 1000:.1f} ms")
+    print(f"server RSS: start {rss['start']:.0f} MB, middle {rss['middle']:.0f} MB, end {rss['end']:.0f} MB")
+    print(f"idle (running 0, waiting 0) {idle_after:.2f} s after the soak; tokens generated {health['tokens_generated']}")
+    print(f"server log: {len(log_errors)} error or traceback lines")
+    return (server_errors == 0 and not unexpected and all(correct) and len(probes) == len(ok_probes)
+            and p99 < 100 and not log_errors and idle_after < 60)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="an export folder (default: a random 'tiny' model made here)")
@@ -203,22 +407,30 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the peer")
+    ap.add_argument("--soak", action="store_true", help="run the soak instead of the load check")
+    ap.add_argument("--clients", type=int, default=64, help="soak: concurrent clients")
+    ap.add_argument("--seconds", type=float, default=60, help="soak: how long")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     if not args.handbook.is_file():
         sys.exit(f"{args.handbook}: not found; pass --handbook (the prompts come from it)")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         export = args.model or make_export(Path(tmp), args.handbook)
+        if args.soak:
+            if not soak(export, args.handbook, args.clients, args.seconds, args.max_tokens, Path(tmp) / "serve.log"):
+                sys.exit("soak FAILED its targets (above)")
+            return
         prompts = prompts_from(args.handbook, args.requests)
         n = args.requests
         print(f"model {export}, {n} requests, max_tokens {args.max_tokens}, greedy, {args.threads} torch threads")
-        with running_server(export, []) as base:
+        with running_server(export, []) as (base, _):
             load, ours = load_check(base, f"zagreus serve, {n} concurrent", prompts, args.max_tokens)
             solo, wall_solo = asyncio.run(run_load(base, "tiny", prompts, args.max_tokens, concurrent=False))
             summary("zagreus serve, one at a time", solo, wall_solo)
-        with running_server(export, ["--batch"]) as base:
+        with running_server(export, ["--batch"]) as (base, _):
             batched, ours_batched = load_check(base, f"zagreus serve --batch, {n} concurrent", prompts, args.max_tokens)
         same = sum(a["text"] == b["text"] for a, b in zip(load, solo))
         same_batched = sum(a["text"] == b["text"] for a, b in zip(batched, solo))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 # Only typer, zagreus.errors and the standard library at module level, so `zagreus --help` stays
 # fast; each verb imports the code it runs (torch and the server load inside them).
+import ipaddress
 import json
 from pathlib import Path
 from typing import Optional
@@ -35,6 +36,16 @@ def _load_tools(path: Optional[Path]) -> list[dict] | None:
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise UserError(f"--tools {path}: expected a JSON list of tool objects")
     return tools
+
+
+def _loopback(host: str) -> bool:
+    """Whether only this machine can reach `host`; a host name other than localhost may resolve anywhere."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def chat(model: Path = typer.Argument(..., help=MODEL_HELP),
@@ -75,15 +86,28 @@ def serve(model: Path = typer.Argument(..., help=MODEL_HELP),
           batch: bool = typer.Option(False, "--batch", help="decode the running requests in one batched forward "
                                                            "(several times the throughput; a reply may then differ "
                                                            "in rare near-ties from the one it gets alone)"),
-          device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
+          device: str = typer.Option("auto", help=DEVICE_HELP),
+          api_key: Optional[str] = typer.Option(None, envvar="ZAGREUS_API_KEY",
+                                                help="require 'Authorization: Bearer KEY' on /v1/* (401 without it)"),
+          insecure: bool = typer.Option(False, "--insecure", help="serve a non-loopback --host without an API key"),
+          max_request_bytes: int = typer.Option(1 << 20, min=1, help="largest request body; a larger one gets 413"),
+          max_tokens: int = typer.Option(2048, min=1, help="most new tokens per request; a larger max_tokens "
+                                                          "is clamped to it")) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health) and a web chat at /."""
+    if api_key == "":
+        raise UserError("--api-key: empty; pass the key clients must send, or leave the option out")
+    if api_key is None and not insecure and not _loopback(host):
+        raise UserError(f"--host {host} lets other machines in: pass --api-key KEY (or set ZAGREUS_API_KEY), "
+                        "or --insecure to serve without a key")
     from zagreus.serve.engine import open_engine
-    from zagreus.serve.server import serve as run_server
+    from zagreus.serve.server import Limits, serve as run_server
 
     engine = open_engine(model, template=template, name=name, max_active=max_running, batch=batch,
                          device=_device(device))
-    typer.echo(f"serving {engine.name} on http://{host}:{port}/ (OpenAI API under /v1)")
-    run_server(engine, host=host, port=port)
+    limits = Limits(max_request_bytes=max_request_bytes, max_tokens=max_tokens, api_key=api_key)
+    typer.echo(f"serving {engine.name} on http://{host}:{port}/ (OpenAI API under /v1"
+               f"{', API key required' if api_key else ''})")
+    run_server(engine, host=host, port=port, limits=limits)
 
 
 def register(app: typer.Typer) -> None:

@@ -13,7 +13,8 @@ per step of a shared `zagreus.model.generate.Decoder` instead (see _Batched): se
 throughput, but a reply may then differ from its solo version where batch-shaped floating-point
 sums break a near-tie. At most `max_active` requests run at once (each holds a KV cache); later
 ones wait in arrival order.
-Tokenizer calls (rendering, decoding) stay on the caller's side: the server's event loop thread.
+Tokenizer calls stay on the caller's side: the server renders and tokenizes prompts on helper
+threads and decodes replies on its event loop thread.
 
 Context policy. A prompt must leave room for at least one new token. The server answers a longer
 prompt with HTTP 400 (`context_length_exceeded`, as OpenAI does); the terminal chat instead drops
@@ -118,10 +119,10 @@ class Scheduler:
                     _deliver(job, ("error", "server shutting down"))
                 return
             waiting.extend(arrivals)
+            # A job cancelled while it waits (its client hung up) leaves the queue now, not at its turn.
+            waiting = deque(job for job in waiting if not job.cancelled.is_set())
             while waiting and len(runner) < self.max_active:
-                job = waiting.popleft()
-                if not job.cancelled.is_set():
-                    runner.admit(job)
+                runner.admit(waiting.popleft())
             self.running, self.waiting = len(runner), len(waiting)
             self.peak_running = max(self.peak_running, self.running)
             if len(runner):
