@@ -17,10 +17,12 @@ Four parts, each in its own process (its own GPU memory, its own time limit), mo
 
 On the GPU machine (python 3.12, torch 2.11, no pydantic / lm-eval / llama-models there):
     here, once:   bash benchmarks/gpu_wheels.sh            # wheels of what the device lacks, into .whl/
-                  mkdir -p .bench && cp ../shared/data/bench/m_arc_it_*.json .bench/ && echo /.bench/ >> .git/info/exclude
+                  mkdir -p .bench && cp ../shared/data/bench/m_arc_it_*.json ../shared/data/handbook-5lang.jsonl .bench/
+                  echo /.bench/ >> .git/info/exclude
     device run (carry .whl and .bench, timeout 540):
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
-      PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --data-dir .bench --out $OUT
+      PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --data-dir .bench \
+        --handbook .bench/handbook-5lang.jsonl --out $OUT
 
     python benchmarks/gpu_check.py --smoke --out /tmp/gpu-check   # tiny shapes on CPU: the script end to end
 """
@@ -153,9 +155,11 @@ def part_eval(args, tmp: Path, limit: float, env: dict) -> dict:
 
 def part_serve(args, tmp: Path, limit: float, env: dict) -> dict:
     out = tmp / "serve.json"
-    cmd = [sys.executable, str(HERE / "serve_load.py"), "--json-out", str(out)]
+    cmd = [sys.executable, str(HERE / "serve_load.py"), "--batch-only", "--json-out", str(out),
+           "--handbook", str(args.handbook)]
+    # The server takes the GPU by itself (`zagreus serve --device auto`).
     cmd += ["--requests", "8", "--max-tokens", "16"] if args.smoke else \
-        ["--requests", "64", "--max-tokens", "128", "--device", "cuda", "--batch-only"]
+        ["--requests", "64", "--max-tokens", "128", "--preset", "zagreus-0.4b"]
     rc, text = _run(cmd, limit, env)
     if rc or not out.is_file():
         return {"error": text[-3000:], "rc": rc}
@@ -204,6 +208,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=False, help="folder for gpu_check.json and gpu_check.md")
     ap.add_argument("--data-dir", type=Path, default=HERE.parents[1] / "shared" / "data" / "bench",
                     help="folder with m_arc_it_test.json (the eval part)")
+    ap.add_argument("--handbook", type=Path, default=HERE.parents[1] / "shared" / "data" / "handbook-5lang.jsonl",
+                    help="the serve part's prompts")
     ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script end to end")
     ap.add_argument("--worker", choices=["nccl"], help=argparse.SUPPRESS)

@@ -49,7 +49,7 @@ log = logging.getLogger("bench.serve_load")
 HANDBOOK = Path(__file__).resolve().parents[2] / "shared" / "data" / "handbook-5lang.jsonl"
 
 
-def make_export(out: Path, handbook: Path) -> Path:
+def make_export(out: Path, handbook: Path, preset: str = "tiny") -> Path:
     from zagreus.model.config import resolve_model_config
     from zagreus.model.hf import save_hf
     from zagreus.model.llama import Transformer
@@ -58,7 +58,7 @@ def make_export(out: Path, handbook: Path) -> Path:
 
     texts = [json.loads(line)["text"] for line in handbook.open(encoding="utf-8")]
     tok = train_bpe(texts[:200], 8192, out / "tokenizer")
-    cfg = resolve_model_config("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    cfg = resolve_model_config(preset, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     model = Transformer(cfg)
     model.init_weights(0)
     return save_hf(model, tok, out / "export", chat_template=jinja_template("chatml"))
@@ -410,6 +410,10 @@ def main() -> None:
     ap.add_argument("--soak", action="store_true", help="run the soak instead of the load check")
     ap.add_argument("--clients", type=int, default=64, help="soak: concurrent clients")
     ap.add_argument("--seconds", type=float, default=60, help="soak: how long")
+    ap.add_argument("--preset", default="tiny", help="the random model's shape (ignored with --model)")
+    ap.add_argument("--batch-only", action="store_true",
+                    help="only the concurrent load on `zagreus serve --batch` (the GPU check's part)")
+    ap.add_argument("--json-out", type=Path, help="with --batch-only: write its figures here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
@@ -418,7 +422,7 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        export = args.model or make_export(Path(tmp), args.handbook)
+        export = args.model or make_export(Path(tmp), args.handbook, args.preset)
         if args.soak:
             if not soak(export, args.handbook, args.clients, args.seconds, args.max_tokens, Path(tmp) / "serve.log"):
                 sys.exit("soak FAILED its targets (above)")
@@ -426,6 +430,12 @@ def main() -> None:
         prompts = prompts_from(args.handbook, args.requests)
         n = args.requests
         print(f"model {export}, {n} requests, max_tokens {args.max_tokens}, greedy, {args.threads} torch threads")
+        if args.batch_only:
+            with running_server(export, ["--batch"]) as (base, _):
+                _, row = load_check(base, f"zagreus serve --batch, {n} concurrent", prompts, args.max_tokens)
+            if args.json_out:
+                args.json_out.write_text(json.dumps(row))
+            return
         with running_server(export, []) as (base, _):
             load, ours = load_check(base, f"zagreus serve, {n} concurrent", prompts, args.max_tokens)
             solo, wall_solo = asyncio.run(run_load(base, "tiny", prompts, args.max_tokens, concurrent=False))
