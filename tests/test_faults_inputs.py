@@ -123,6 +123,7 @@ def test_damaged_export_is_one_line(export, tmp_path, damage):
     pytest.param("config field of a wrong type", ["eval", "{folder}", "--tasks", "zagreus_arc_it"], id="eval"),
     pytest.param("weights truncated", ["export", "{folder}", "--out", "{out}"], id="export"),
     pytest.param("tokenizer truncated", ["serve", "{folder}", "--port", "0"], id="serve"),
+    pytest.param("config truncated", ["release", "{folder}", "--out", "{out}"], id="release"),
 ])
 def test_damaged_export_from_the_cli(export, tmp_path, damage, verb):
     """A subprocess per verb: the one line reaches stderr through the CLI, exit code 2, nothing written."""

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from zagreus import __version__
+from zagreus.checkpoint import load_model_and_tokenizer
 from zagreus.errors import UserError
 from zagreus.release.card import build_model_card
 from zagreus.release.export import export
@@ -35,6 +36,9 @@ def release(source: Path, out: Path | None = None, push: str | None = None, priv
     post_stage = located.stage if located.stage in POST_STAGES else None
     out = Path(out) if out is not None else run.release if run is not None else model.parent / "release"
     if located.kind == "export":
+        # Loading it first refuses a damaged folder (config, weights, tokenizer) in one line,
+        # before anything is copied into the release.
+        load_model_and_tokenizer(model)
         if out.resolve() != model.resolve():
             shutil.copytree(model, out, dirs_exist_ok=True)
     else:
