@@ -20,6 +20,8 @@ def tokenize(recipe: Optional[Path] = typer.Argument(None, help="YAML recipe wit
              workers: int = typer.Option(2, min=1, help="quick form: worker processes"),
              dedup: str = typer.Option("none", help="quick form: none, exact or minhash"),
              text_field: str = typer.Option("text", help="quick form: field of jsonl/parquet records holding the text"),
+             on_error: str = typer.Option("fail", "--on-error",
+                                          help="quick form: a damaged input file stops the run (fail) or is left out (skip)"),
              dry_run: bool = typer.Option(False, "--dry-run", help="print the Slurm jobs instead of submitting them"),
              progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")) -> None:
     """Filter, deduplicate, mix and tokenize into datatrove shards (+ manifest.json)."""
@@ -40,10 +42,12 @@ def tokenize(recipe: Optional[Path] = typer.Argument(None, help="YAML recipe wit
             raise UserError("give a RECIPE, or the quick form --input PATH_OR_GLOB... --out DIR")
         if dedup not in ("none", "exact", "minhash"):
             raise UserError(f"--dedup {dedup}: choose none, exact or minhash")
+        if on_error not in ("fail", "skip"):
+            raise UserError(f"--on-error {on_error}: choose fail or skip")
         from zagreus.recipe import TokenizerSection
 
         section = TokenizerSection(kind="llama3") if tokenizer == "llama3" else TokenizerSection(path=tokenizer)
-        data = stage.quick_data_section(input, workers, dedup=dedup, text_field=text_field)
+        data = stage.quick_data_section(input, workers, dedup=dedup, text_field=text_field, on_error=on_error)
         result = stage.tokenize_data(data, out, section, dry_run=dry_run, show_progress=progress)
         out_dir = out
     if isinstance(result, list):

@@ -4,7 +4,7 @@ Three phases, each restartable:
 
 1. plan (one process): resolve the tokenizer (training the BPE first when the recipe asks for
    one), split every source into deterministic work units (`sources.plan_source`), write
-   `.work/<plan hash>/plan.json`. The hash covers the data section (executor excluded), the
+   `.work/<plan hash>/plan.json`. The hash covers the data section (executor and on_error excluded), the
    tokenizer identity and the inputs' sizes and mtimes, so a changed input never reuses stale work.
 2. units (any number of processes, any executor): read -> filter (length, language, quality) ->
    tokenize -> dedup keys, written per unit to `units/NNNNN.npz` through an atomic rename; the
@@ -25,11 +25,14 @@ documents in plan order; the document that crosses the budget is still taken who
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,7 +43,7 @@ import numpy as np
 
 from zagreus.data import shards
 from zagreus.data.filters import LanguageFilter, MinHasher, NearDupIndex, is_validation, length_ok, quality_reason, text_digest
-from zagreus.data.sources import Doc, Skip, WorkUnit, input_signature, plan_source, read_unit
+from zagreus.data.sources import DamagedFile, Doc, Skip, WorkUnit, input_signature, plan_source, read_unit
 from zagreus.errors import UserError
 from zagreus.recipe import DataSection, FiltersSection, Source
 from zagreus.tokenizer import Tokenizer, load_tokenizer
@@ -51,6 +54,7 @@ MANIFEST = "manifest.json"
 BATCH_CHARS = 8 << 20        # characters per tokenizer batch: large batches keep tiktoken's threads busy
 BAD_EXAMPLES = 5             # file:line cases shown in the warning
 BUDGET_MARGIN = 1.25         # workers skip units once earlier ones hold this much of the budget
+PR_SET_PDEATHSIG = 1         # prctl option (linux/prctl.h): a signal for this process when its parent dies
 REMOVALS = ("length", "language", "quality", "exact_dedup", "minhash_dedup", "budget")  # manifest order
 
 
@@ -118,7 +122,9 @@ def plan_units(data: DataSection, resolve: Callable[[str], Path] = Path) -> tupl
 
 def make_plan(data: DataSection, data_dir: Path, tokenizer_spec: str, identity: dict,
               units: list[WorkUnit], origins: dict[str, str]) -> Plan:
-    key = {"data": data.model_dump(mode="json", exclude={"executor"}), "tokenizer": identity,
+    # on_error changes no unit's output (a damaged unit is either skipped or never written), so a
+    # run stopped on a damaged file resumes with on_error: skip, and plans of earlier versions stay valid.
+    key = {"data": data.model_dump(mode="json", exclude={"executor", "on_error"}), "tokenizer": identity,
            "units": [u.to_json() for u in units], "inputs": input_signature(units)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Plan(digest, Path(data_dir), tokenizer_spec, data, units, origins)
@@ -207,13 +213,18 @@ class UnitProcessor:
         tally = _UnitTally()
         columns = _UnitColumns(self)
         reported = 0
-        for batch in _batches(self._kept_texts(unit, source, tally)):
-            encoded = self.tok.encode_batch(batch) if self.threads > 1 else [self.tok.encode(t) for t in batch]
-            batch_tokens = sum(columns.add(text, ids) for text, ids in zip(batch, encoded))
-            if progress:  # characters stand in for bytes until the unit ends (see below)
-                step = min(sum(map(len, batch)), max(0, unit.size - reported))
-                progress(len(batch), batch_tokens, step)
-                reported += step
+        try:
+            for batch in _batches(self._kept_texts(unit, source, tally)):
+                encoded = self.tok.encode_batch(batch) if self.threads > 1 else [self.tok.encode(t) for t in batch]
+                batch_tokens = sum(columns.add(text, ids) for text, ids in zip(batch, encoded))
+                if progress:  # characters stand in for bytes until the unit ends (see below)
+                    step = min(sum(map(len, batch)), max(0, unit.size - reported))
+                    progress(len(batch), batch_tokens, step)
+                    reported += step
+        except DamagedFile as exc:
+            # What was read of the file goes with it: never a part of a file passed off as the whole.
+            tally, columns = _UnitTally(), _UnitColumns(self)
+            tally.skip(on_damaged_file(exc, self.plan.data.on_error))
         if progress and unit.size > reported:
             progress(0, 0, unit.size - reported)  # the unit's bytes are all read now
         columns.save(self.plan.unit_path(unit), {"unit": unit.index, **tally.summary()})
@@ -223,6 +234,14 @@ class UnitProcessor:
         for unit in self.plan.units[rank::world]:
             if not self.done(unit) and not self.over_budget(unit):
                 self.process(unit)
+
+
+def on_damaged_file(exc: DamagedFile, on_error: str) -> Skip:
+    """The record of a damaged file left out under `on_error: skip`; under `fail`, the one-line error."""
+    if on_error == "fail":
+        raise UserError(f"{exc}, or leave such files out with data.on_error: skip "
+                        "(--on-error skip in the quick form)") from None
+    return Skip("damaged_file", f"{exc.path}:byte {exc.offset}")
 
 
 def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
@@ -506,8 +525,18 @@ _worker: UnitProcessor | None = None
 _queue = None
 
 
-def _init_worker(plan_json: dict, data_dir: str, queue, threads: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Has the kernel kill this worker when its parent dies: a SIGKILLed parent runs no cleanup, and
+    its workers would otherwise wait on the pool's queue forever."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(plan_json: dict, data_dir: str, queue, threads: int, parent: int) -> None:
     global _worker, _queue
+    _die_with_parent(parent)
     _worker = UnitProcessor(Plan.from_json(plan_json, Path(data_dir)), threads=threads)
     _queue = queue
 
@@ -573,18 +602,23 @@ def run_local(plan: Plan, workers: int, show_progress: bool = True) -> None:
         # ProcessPoolExecutor, not Pool: a worker killed by the OS (e.g. out of memory) raises
         # BrokenProcessPool here instead of hanging the run.
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(plan.to_json(), str(plan.data_dir), queue, threads)) as pool:
+                                 initargs=(plan.to_json(), str(plan.data_dir), queue, threads, os.getpid())) as pool:
             pending = {pool.submit(_run_unit, u.index) for u in todo}
-            while pending:
-                done, pending = wait(pending, timeout=0.2)
-                drain()
-                for future in done:
-                    try:
-                        future.result()  # re-raise a worker's exception here
-                    except BrokenProcessPool:
-                        raise UserError(f"a worker process died (killed by the system, e.g. out of memory?); "
-                                        f"{plan.data_dir}: finished work units are kept, run the same command "
-                                        "again to resume (or lower the workers)") from None
+            try:
+                while pending:
+                    done, pending = wait(pending, timeout=0.2)
+                    drain()
+                    for future in done:
+                        try:
+                            future.result()  # re-raise a worker's exception here
+                        except BrokenProcessPool:
+                            raise UserError(f"a worker process died (killed by the system, e.g. out of memory?); "
+                                            f"{plan.data_dir}: finished work units are kept, run the same command "
+                                            "again to resume (or lower the workers)") from None
+            except BaseException:
+                # Leaving the block waits for the pool: only the units in flight finish, not the queued ones.
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
         drain()
     finally:
         if bar:
@@ -597,11 +631,18 @@ def iter_unit_texts(data: DataSection, units: list[WorkUnit], max_chars: int) ->
     for source in data.sources:
         cap, seen = max_chars * source.weight / total_w, 0
         for unit in (u for u in units if u.source == source.name):
-            for item in read_unit(unit, source):
-                if isinstance(item, Doc):
-                    seen += len(item.text)
-                    yield item.text
-                    if seen >= cap:
-                        break
+            texts: list[str] = []  # given out once the unit is read: a damaged file's part stays out
+            try:
+                for item in read_unit(unit, source):
+                    if isinstance(item, Doc):
+                        seen += len(item.text)
+                        texts.append(item.text)
+                        if seen >= cap:
+                            break
+            except DamagedFile as exc:
+                on_damaged_file(exc, data.on_error)
+                seen -= sum(map(len, texts))
+                texts = []
+            yield from texts
             if seen >= cap:
                 break

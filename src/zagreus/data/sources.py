@@ -12,8 +12,11 @@ order depend only on the inputs, never on the number of workers:
   * Hugging Face hub datasets: one unit per shard of the streamed dataset (its data files), or
     per block of `HUB_ROWS` rows when not streaming.
 
-`read_unit(unit, source)` yields `Doc`s and `Skip`s (bad input: malformed JSON, invalid UTF-8,
-empty text, missing text field), the latter carrying `file:line` for the warning. Datatrove's
+`read_unit(unit, source)` yields `Doc`s and `Skip`s (bad records: malformed JSON, invalid UTF-8,
+empty text, missing text field), the latter carrying `file:line` for the warning. A file that
+cannot be read to its end (a gzip member or zstd frame cut short, a parquet file without its
+footer, corrupt compressed data) raises `DamagedFile` instead, naming the byte: the data stage
+then stops or, with `data.on_error: skip`, leaves the whole file out and counts it. Datatrove's
 readers are not used for reading: they split work by file only (one 50 GB jsonl would occupy one
 task) and build a `Document` per record; here jsonl is read as bytes by range and parsed with
 orjson. Datatrove runs the pipeline instead (see executors.py).
@@ -22,10 +25,10 @@ orjson. Datatrove runs the pipeline instead (see executors.py).
 from __future__ import annotations
 
 import glob
-import gzip
 import io
 import os
 import sysconfig
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -71,9 +74,20 @@ class Doc:
 
 @dataclass
 class Skip:
-    reason: str  # malformed_json | invalid_utf8 | empty | missing_field
+    reason: str  # malformed_json | invalid_utf8 | empty | missing_field | damaged_file
     where: str
     chars: int = 0
+
+
+class DamagedFile(UserError):
+    """An input file that ends or breaks before its end marker; what was read of it is not the whole file."""
+
+    def __init__(self, path: str | Path, offset: int, detail: str):
+        super().__init__(str(path), offset, detail)  # all the fields in args: it pickles across the worker pool
+        self.path, self.offset, self.detail = str(path), offset, detail
+
+    def __str__(self) -> str:
+        return f"{self.path}: damaged at byte {self.offset}: {self.detail}; fetch or copy the file again"
 
 
 # --- planning -------------------------------------------------------------------------------
@@ -168,9 +182,13 @@ def plan_source(source: Source, first: int, unit_bytes: int, resolve=lambda p: P
                 units.append(WorkUnit(first + len(units), source.name, kind, str(f), lo, min(lo + unit_bytes, size),
                                       size=min(unit_bytes, size - lo)))
         elif kind == "parquet":
-            import pyarrow.parquet as pq
-
-            groups = pq.ParquetFile(f).num_row_groups
+            try:
+                groups = _parquet_file(f).num_row_groups
+            except DamagedFile:
+                # One unit whose reading raises the error again, so that data.on_error decides
+                # about it where it decides about every other damaged file.
+                units.append(WorkUnit(first + len(units), source.name, kind, str(f), 0, 0, size=size))
+                continue
             for g in range(groups):
                 units.append(WorkUnit(first + len(units), source.name, kind, str(f), g, g + 1, size=size // max(groups, 1)))
         else:
@@ -263,12 +281,79 @@ def _read_jsonl_range(unit: WorkUnit, records: _Records) -> Iterator[Doc | Skip]
             yield item
 
 
+class _Decompressed(io.RawIOBase):
+    """The decompressed bytes of every gzip member or zstd frame of a file, one after the other.
+
+    The input must end where a member or frame ends: zstandard's stream reader takes a frame cut
+    short for the end of the data, so the members and frames are decoded here with the
+    decompressors' own `eof`, and a cut or corrupt one raises DamagedFile with its byte offset.
+    """
+
+    READ = 1 << 17
+
+    def __init__(self, path: str | Path, fmt: str):
+        super().__init__()
+        self.path, self.fmt = str(path), fmt
+        self.raw = open(path, "rb")
+        self.decoder = None        # of the member or frame being read; None between them
+        self.pending = b""         # input after the end of the last member or frame
+        self.out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while not self.out:
+            if not self._decode_more():
+                return 0
+        n = min(len(buf), len(self.out))
+        buf[:n] = self.out[:n]
+        self.out = self.out[n:]
+        return n
+
+    def _next_input(self) -> tuple[int, bytes]:
+        """The next block of input and its offset in the file."""
+        while True:
+            start = self.raw.tell() - len(self.pending)
+            data, self.pending = self.pending or self.raw.read(self.READ), b""
+            if self.fmt == "gzip" and self.decoder is None and start > 0:
+                # zero padding after a member, which Python's gzip module accepts too
+                kept = data.lstrip(b"\0")
+                if data and not kept:
+                    continue
+                start, data = start + len(data) - len(kept), kept
+            return start, data
+
+    def _decode_more(self) -> bool:
+        """Decodes the next block of input into `out`; False at the end of the last member or frame."""
+        start, data = self._next_input()
+        if not data:
+            if self.decoder is not None:
+                unit = "member" if self.fmt == "gzip" else "frame"
+                raise DamagedFile(self.path, self.raw.tell(), f"the file ends inside a {self.fmt} {unit} (cut short?)")
+            return False
+        if self.decoder is None:
+            self.decoder = (zlib.decompressobj(16 + zlib.MAX_WBITS) if self.fmt == "gzip"
+                            else zstandard.ZstdDecompressor().decompressobj())
+        try:
+            self.out = memoryview(self.decoder.decompress(data))
+        except (zlib.error, zstandard.ZstdError) as exc:
+            raise DamagedFile(self.path, start, f"corrupt {self.fmt} data in the next {len(data)} bytes ({exc})") from None
+        if self.decoder.eof:
+            self.pending, self.decoder = self.decoder.unused_data, None
+        return True
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
 def open_binary(path: str | Path):
     """A file as a binary stream, decompressed by its suffix (.gz, .zst); shared by every reader of local files."""
     if str(path).endswith(".gz"):
-        return gzip.open(path, "rb")
+        return io.BufferedReader(_Decompressed(path, "gzip"), _Decompressed.READ)
     if str(path).endswith(".zst"):
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(_Decompressed(path, "zstd"), _Decompressed.READ)
     return open(path, "rb")
 
 
@@ -303,21 +388,65 @@ def _read_files(unit: WorkUnit, records: _Records) -> Iterator[Doc | Skip]:
         yield Doc(text) if text.strip() else Skip("empty", path, len(text))
 
 
-def _read_parquet(unit: WorkUnit, records: _Records) -> Iterator[Doc | Skip]:
-    import pyarrow.parquet as pq  # only parquet sources need pyarrow
+def _parquet_file(path: str | Path):
+    """A parquet file opened on its footer (the schema and row groups, written last)."""
+    import pyarrow as pa  # only parquet sources need pyarrow
+    import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(unit.path)
+    try:
+        return pq.ParquetFile(path)
+    except pa.ArrowInvalid as exc:  # no footer magic, or too short to hold one
+        raise DamagedFile(path, os.path.getsize(path), f"no parquet footer at the end ({exc})") from None
+
+
+def _utf8_or_none(raw: bytes | None) -> str | None:
+    try:
+        return None if raw is None else raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _column(table, name: str) -> tuple[list, set[int]]:
+    """A column's values and the rows whose string is not UTF-8 (pyarrow reads such bytes, then
+    fails on the whole column when converting it)."""
+    import pyarrow as pa
+
+    col = table.column(name)
+    try:
+        return col.to_pylist(), set()
+    except UnicodeDecodeError:
+        raw = col.cast(pa.large_binary()).to_pylist()
+        values = [_utf8_or_none(v) for v in raw]
+        return values, {i for i, (v, r) in enumerate(zip(values, raw)) if v is None and r is not None}
+
+
+def _read_parquet(unit: WorkUnit, records: _Records) -> Iterator[Doc | Skip]:
+    import pyarrow as pa
+
+    pf = _parquet_file(unit.path)
     names = set(pf.schema_arrow.names)
     columns = [c for c in (records.field, "lang") if c in names]
-    table = pf.read_row_group(unit.start, columns=columns)
+    try:
+        table = pf.read_row_group(unit.start, columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:  # pyarrow raises OSError for pages that do not decode
+        chunk = pf.metadata.row_group(unit.start).column(0)
+        raise DamagedFile(unit.path, chunk.dictionary_page_offset or chunk.data_page_offset,
+                          f"row group {unit.start} does not decode ({str(exc).strip().splitlines()[0]})") from None
     row0 = sum(pf.metadata.row_group(g).num_rows for g in range(unit.start))
     if records.field not in names:
         for i in range(table.num_rows):
             yield Skip("missing_field", f"{unit.path}:row {row0 + i}")
         return
-    cols = {c: table.column(c).to_pylist() for c in columns}
+    cols, not_utf8 = {}, set()
+    for c in columns:
+        cols[c], bad = _column(table, c)
+        not_utf8 |= bad
     for i in range(table.num_rows):
-        out = records.from_record({c: v[i] for c, v in cols.items()}, f"{unit.path}:row {row0 + i}")
+        where = f"{unit.path}:row {row0 + i}"
+        if i in not_utf8:
+            yield Skip("invalid_utf8", where)
+            continue
+        out = records.from_record({c: v[i] for c, v in cols.items()}, where)
         if out is not None:
             yield out
 

@@ -107,12 +107,12 @@ def tokenize_recipe(recipe: Recipe, dry_run: bool = False, show_progress: bool =
 
 
 def quick_data_section(inputs: list[str], workers: int, dedup: str = "none", validation_fraction: float = 0.0,
-                       text_field: str = "text", shard_tokens: int = 100_000_000) -> DataSection:
+                       text_field: str = "text", shard_tokens: int = 100_000_000, on_error: str = "fail") -> DataSection:
     """The quick form: every input in one source 'input', tokenization only unless asked for more."""
     return DataSection(
         sources=[{"name": "input", "path": list(inputs), "text_field": text_field}],
         filters={"min_chars": 1, "quality": False, "dedup": dedup},
-        validation_fraction=validation_fraction, shard_tokens=shard_tokens,
+        validation_fraction=validation_fraction, shard_tokens=shard_tokens, on_error=on_error,
         executor={"kind": "local", "workers": workers},
     )
 
