@@ -164,7 +164,11 @@ class Tokenizer:
 
     def _at_once(self, text: str) -> list[int]:
         """Special-token strings as text (the Hugging Face backend is loaded that way)."""
-        return self._tt.encode_ordinary(text) if self._tt is not None else self._hf.encode(text, add_special_tokens=False).ids
+        if self._tt is not None:
+            return self._tt.encode_ordinary(text)
+        # encode_batch releases the GIL where encode holds it (about 1 s per MB): the server
+        # tokenizes on helper threads and its event loop must keep answering meanwhile.
+        return self._hf.encode_batch([text], add_special_tokens=False)[0].ids
 
     def _ordinary(self, text: str) -> list[int]:
         if not self._long(text):
