@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -211,6 +212,37 @@ def test_full_disk_during_a_save(base, from_step_6, data_dir, small_disk):
     assert losses(run) == from_step_6  # steps 7 and 8 were trained and logged before the save
 
 
+def test_full_disk_seen_through_another_ranks_failure(small_disk, monkeypatch):
+    """A rank whose own write went through learns of a full disk only from DCP's pickled
+    "unexpected pos" RuntimeError of another rank, its OSError context lost: still ENOSPC, no partial folder."""
+    import pickle
+
+    from test_train_checkpoint import CFG, _trained
+
+    from zagreus import checkpoint
+
+    model, optimizer = _trained(1)
+    real_save = checkpoint.dcp.save
+
+    def as_from_another_rank(*args, **kw):
+        try:
+            real_save(*args, **kw)
+        except checkpoint.dcp.CheckpointException as exc:
+            failure = exc
+        else:
+            pytest.fail("the save fit on the full disk")
+        raise pickle.loads(pickle.dumps(failure))  # what gather_object and broadcast_object deliver, no context
+
+    monkeypatch.setattr(checkpoint.dcp, "save", as_from_another_rank)
+    with open(small_disk / "filler", "wb") as f:  # room for a few KB, not for the model
+        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(small_disk).free - (64 << 10))
+    with pytest.raises(OSError) as raised:
+        checkpoint.save_checkpoint(small_disk / "checkpoints", 1, model, optimizer, {"model_config": CFG.model_dump()})
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(small_disk / "checkpoints")
+    assert isinstance(raised.value.__cause__, checkpoint.dcp.CheckpointException)
+    assert list((small_disk / "checkpoints").iterdir()) == []
+
+
 def test_read_only_run_directory(base, data_dir, small_disk):
     run = small_disk / "run"
     recipe = copy_run(base, data_dir, run)
@@ -225,16 +257,27 @@ def test_read_only_run_directory(base, data_dir, small_disk):
     assert verify_checkpoint(run / "checkpoints" / "step-000006") == Verdict(None, True)
 
 
-def test_every_rank_is_covered_under_torchrun(data_dir, tmp_path):
-    """dp=2 (FSDP2): meta.json holds both ranks' shards and RNG files; a damaged shard of rank 1 is found
-    and set aside, and both ranks resume from the previous checkpoint to the same losses."""
-    run = tmp_path / "run"
-    recipe = recipe_for(data_dir, run, steps=4, dp_shard=2)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                "-m", "zagreus.cli", "pretrain", str(recipe)]
-    done = subprocess.run(torchrun, env=_env(), capture_output=True, text=True, timeout=300)
+def torchrun(recipe: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "zagreus.cli", "pretrain", str(recipe)], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def dp2(data_dir, tmp_path_factory) -> Path:
+    """4 steps under torchrun, dp=2 (FSDP2): step-2 and step-4, each rank with its own shard and RNG file."""
+    run = tmp_path_factory.mktemp("dp2") / "run"
+    done = torchrun(recipe_for(data_dir, run, steps=4, dp_shard=2))
     assert done.returncode == 0, done.stderr[-3000:]
-    whole = losses(run)
+    return run
+
+
+def test_every_rank_is_covered_under_torchrun(dp2, data_dir, tmp_path):
+    """meta.json holds both ranks' shards and RNG files; a damaged shard of rank 1 is found and set
+    aside, and both ranks resume from the previous checkpoint to the same losses."""
+    run = tmp_path / "run"
+    shutil.copytree(dp2, run, symlinks=True)
+    recipe = recipe_for(data_dir, run, steps=4, dp_shard=2)
     latest = run / "checkpoints" / "step-000004"
     recorded = json.loads((latest / "meta.json").read_text())[FILES]
     assert set(recorded) == {".metadata", "__0_0.distcp", "__1_0.distcp", "rank-0.pt", "rank-1.pt"}
@@ -243,10 +286,29 @@ def test_every_rank_is_covered_under_torchrun(data_dir, tmp_path):
     with open(latest / "__1_0.distcp", "r+b") as f:
         f.seek(recorded["__1_0.distcp"]["size"] // 2)
         f.write(b"\xff" * 64)
-    done = subprocess.run(torchrun, env=_env(), capture_output=True, text=True, timeout=300)
+    done = torchrun(recipe)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = [line for line in done.stderr.splitlines() if "is damaged" in line]
     assert len(reports) == 1 and f"__1_0.distcp: {HASH} " in reports[0], reports
     assert done.stderr.count(f"resumed from {run / 'checkpoints' / 'step-000002'}") == 2  # both ranks
     assert (run / "checkpoints" / "step-000004.corrupt").is_dir()
-    assert losses(run) == whole
+    assert losses(run) == losses(dp2)
+
+
+def test_full_disk_under_torchrun(dp2, data_dir, small_disk):
+    """Both ranks' writes fail and DCP hands each rank every rank's failure: both say so in one line;
+    step-4 stays whole, no partial step-6."""
+    run = small_disk / "run"
+    shutil.copytree(dp2, run, symlinks=True)
+    recipe = recipe_for(data_dir, run, steps=6, dp_shard=2)  # constant lr: 2 more steps, then step-6 is saved
+    before = files(run / "checkpoints")
+    checkpoint_bytes = sum(len(b) for name, b in before.items() if name.startswith("step-000004"))
+    with open(small_disk / "filler", "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(small_disk).free - checkpoint_bytes // 4)
+    done = torchrun(recipe)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {run / 'checkpoints'}: no space left on device (ENOSPC); free space on that disk or "
+                      f"move the run to a larger one, then run the same command again"] * 2, done.stderr[-3000:]
+    assert files(run / "checkpoints") == before
+    assert verify_checkpoint(run / "checkpoints" / "step-000004") == Verdict(None, True)
