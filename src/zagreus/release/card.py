@@ -15,16 +15,25 @@ import yaml
 from zagreus import __version__
 from zagreus.data.shards import human
 from zagreus.model.hf import from_llama_config
-from zagreus.post.chat import saved_chat_template
+from zagreus.post.chat import saved_chat_template, template_of
 from zagreus.rundir import POST_STAGES, RunDir, read_meta
 
 LANGUAGE_NAMES = {"en": "English", "it": "Italian", "es": "Spanish", "fr": "French", "pt": "Portuguese"}
 # FineWeb-2 style configs name languages by ISO 639-3.
 ISO3_TO_1 = {"ita": "it", "spa": "es", "fra": "fr", "por": "pt", "eng": "en"}
 ENGLISH_ONLY_HUBS = {"HuggingFaceFW/fineweb", "HuggingFaceFW/fineweb-edu"}
+LICENSE = "apache-2.0"  # the card's front matter and the GGUF's general.license
+LISTING = "gguf.json"  # a release folder's GGUF files: [{file, quant, bytes, sha256}], written by release.gguf
 
 
-def _languages(recipe: dict) -> list[str]:
+def run_recipe(run: RunDir | None) -> dict:
+    """The resolved recipe of `run` ({} for a model of unknown origin)."""
+    if run is None or not run.recipe.is_file():
+        return {}
+    return yaml.safe_load(run.recipe.read_text()) or {}
+
+
+def languages(recipe: dict) -> list[str]:
     """Languages of the training data, from the sources' `language` or hub config (e.g. ita_Latn)."""
     found: list[str] = []
     for source in (recipe.get("data") or {}).get("sources", []):
@@ -43,21 +52,19 @@ def build_model_card(export_dir: Path, run: RunDir | None, repo_id: str | None =
     card claims only what was done to it; `repo_id` names the hub repo in the usage snippet.
     """
     config = json.loads((export_dir / "config.json").read_text())
-    recipe: dict = {}
-    if run is not None and run.recipe.is_file():
-        recipe = yaml.safe_load(run.recipe.read_text()) or {}
+    recipe = run_recipe(run)
     name = repo_id or str(export_dir)
-    languages = _languages(recipe)
+    codes = languages(recipe)
     front = {
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
-        "license": "apache-2.0",
+        "license": LICENSE,
         "tags": ["zagreus", "llama", "small-language-model"],
     }
-    if languages:
-        front["language"] = languages
+    if codes:
+        front["language"] = codes
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {repo_id or recipe.get('name') or export_dir.name}", ""]
-    lang_text = " and ".join(LANGUAGE_NAMES.get(c, c) for c in languages) or "its training data"
+    lang_text = " and ".join(LANGUAGE_NAMES.get(c, c) for c in codes) or "its training data"
     lines += [f"A Llama-architecture decoder trained from scratch with zagreus {__version__} on {lang_text}.", ""]
 
     cfg = from_llama_config(config, export_dir / "config.json")
@@ -84,11 +91,57 @@ def build_model_card(export_dir: Path, run: RunDir | None, repo_id: str | None =
     else:
         lines += ['ids = tokenizer("The capital of Italy is", return_tensors="pt").input_ids']
     lines += ["print(tokenizer.decode(model.generate(ids, max_new_tokens=40)[0]))", "```", "",
-              f"or `zagreus chat {name}` / `zagreus serve {name}` for a terminal chat and an OpenAI-compatible server.", "",
+              f"or `zagreus chat {name}` / `zagreus serve {name}` for a terminal chat and an OpenAI-compatible server.", ""]
+    lines += _gguf_section(export_dir, repo_id or recipe.get("name") or export_dir.name)
+    lines += [
               "## Limitations", "",
               "A small model: it makes factual mistakes, can produce biased or offensive text, and should "
               "not be relied on for advice. Evaluate it on your own task before use.", ""]
     return "\n".join(lines)
+
+
+def read_listing(folder: Path) -> list[dict]:
+    """The GGUF files LISTING names in a release folder ([] when it has none)."""
+    path = Path(folder) / LISTING
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+
+
+# Ollama's Go templates for our two chat formats (those of its library's ChatML and Llama-3 models),
+# rendering as post.chat.render does; llama.cpp adds the BOS itself.
+OLLAMA_TEMPLATES = {
+    "chatml": ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+               '<|im_start|>assistant\n', "<|im_end|>"),
+    "llama3": ('{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>'
+               '{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n', "<|eot_id|>"),
+}
+
+
+def _gguf_section(export_dir: Path, name: str) -> list[str]:
+    """The GGUF files of the release, with how to run them in llama.cpp and Ollama."""
+    files = read_listing(export_dir)
+    if not files:
+        return []
+    first = files[0]["file"]
+    out = ["## GGUF (llama.cpp, Ollama, LM Studio)", "", "| file | weights | size | sha256 |", "|---|---|---|---|"]
+    out += [f"| {f['file']} | {f['quant']} | {human(f['bytes'])}B | `{f['sha256']}` |" for f in files]
+    template = template_of(export_dir, None) if saved_chat_template(export_dir) else None
+    out += ["", "With llama.cpp (`llama-cli` and `llama-server` from its releases or a build):", "", "```"]
+    if template:
+        out += [f"llama-cli -m {first} -cnv        # a terminal chat, with the chat template the file carries",
+                f"llama-server -m {first} --jinja  # an OpenAI-compatible server on port 8080"]
+    else:
+        out += [f'llama-cli -m {first} -no-cnv -n 64 -p "The Debian package manager"',
+                f"llama-server -m {first}          # /completion and /v1/completions on port 8080"]
+    out += ["```", "", "With Ollama, a `Modelfile` beside the file:", "", "```", f"FROM ./{first}"]
+    if template:
+        body, stop = OLLAMA_TEMPLATES[template]
+        out += [f'TEMPLATE """{body}"""', f'PARAMETER stop "{stop}"']
+    else:
+        out += ['TEMPLATE """{{ .Prompt }}"""']
+    out += ["```", "", "```", f"ollama create {name.replace('/', '-').lower()} -f Modelfile",
+            f"ollama run {name.replace('/', '-').lower()}", "```", "",
+            f"In this folder, `zagreus chat . --gguf {first}` runs it through llama-cpp-python with zagreus' chat loop.", ""]
+    return out
 
 
 def _latest_meta(run: RunDir | None) -> dict:

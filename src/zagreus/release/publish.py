@@ -10,19 +10,25 @@ from pathlib import Path
 from zagreus import __version__
 from zagreus.checkpoint import load_model_and_tokenizer
 from zagreus.errors import UserError
-from zagreus.release.card import build_model_card
+from zagreus.release.card import LISTING, build_model_card, read_listing
 from zagreus.release.export import export
+from zagreus.release.gguf import QUANTS, write_release_ggufs
 from zagreus.rundir import POST_STAGES, locate
 
 log = logging.getLogger(__name__)
 
 
-def release(source: Path, out: Path | None = None, push: str | None = None, private: bool = False) -> Path:
-    """Export `source` (run directory, checkpoint or export folder) into `out` with a model card.
+def release(source: Path, out: Path | None = None, push: str | None = None, private: bool = False,
+            gguf: list[str] = ()) -> Path:
+    """Export `source` (run directory, checkpoint or export folder) into `out` with a model card,
+    and a GGUF file per quant in `gguf` (f16, q8_0, q4_0).
 
     A run directory ships the last model it made (RunDir.final_model); `out` defaults to
     RUN_DIR/release, or to a release/ folder beside a model that belongs to no run.
     """
+    unknown = [q for q in gguf if q not in QUANTS]
+    if unknown:
+        raise UserError(f"--gguf {unknown[0]}: choose among {', '.join(QUANTS)}")
     located = locate(source)
     run = located.run
     if located.kind == "run":
@@ -40,9 +46,16 @@ def release(source: Path, out: Path | None = None, push: str | None = None, priv
         # before anything is copied into the release.
         load_model_and_tokenizer(model)
         if out.resolve() != model.resolve():
-            shutil.copytree(model, out, dirs_exist_ok=True)
+            # Its GGUFs, if any, are its own: the release lists only those it writes itself.
+            shutil.copytree(model, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.gguf", LISTING))
     else:
         export(model, out)
+    # GGUFs of an earlier release of this folder were made from other weights.
+    for entry in read_listing(out):
+        (out / entry["file"]).unlink(missing_ok=True)
+    (out / LISTING).unlink(missing_ok=True)
+    if gguf:
+        write_release_ggufs(out, list(gguf), run)
     local_card = build_model_card(out, run, None, post_stage)
     (out / "README.md").write_text(build_model_card(out, run, push, post_stage) if push else local_card, encoding="utf-8")
     log.info("release folder %s written from %s", out, model)

@@ -16,6 +16,8 @@ from zagreus.errors import UserError
 MODEL_HELP = "export folder, checkpoint folder or run directory"
 TEMPLATE_HELP = "chat template (chatml or llama3); default: the export's chat_template, else chatml"
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto (cuda when available)"
+GGUF_HELP = ("run this GGUF file through llama.cpp (needs llama-cpp-python) instead of MODEL's weights; "
+             "MODEL, its export or release folder, gives the tokenizer and chat template; one request at a time")
 
 
 def _device(name: str) -> str:
@@ -38,6 +40,18 @@ def _load_tools(path: Optional[Path]) -> list[dict] | None:
     return tools
 
 
+def _engine(model: Path, gguf: Optional[Path], device: str, **options):
+    """Our model on `device`, or with --gguf that file run by llama.cpp."""
+    if gguf is not None:
+        from zagreus.serve.llama_cpp import open_gguf_engine
+
+        options.pop("max_active", None)  # llama.cpp holds one sequence: requests run one at a time
+        return open_gguf_engine(gguf, model, **options)
+    from zagreus.serve.engine import open_engine
+
+    return open_engine(model, device=_device(device), **options)
+
+
 def _loopback(host: str) -> bool:
     """Whether only this machine can reach `host`; a host name other than localhost may resolve anywhere."""
     if host == "localhost":
@@ -58,16 +72,16 @@ def chat(model: Path = typer.Argument(..., help=MODEL_HELP),
          repetition_penalty: float = typer.Option(1.0, min=0.01, help="CTRL-style penalty on seen tokens (1: off)"),
          max_tokens: int = typer.Option(512, min=1, help="most tokens per reply (clipped to the context)"),
          seed: Optional[int] = typer.Option(None, help="sampling seed"),
-         device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
+         device: str = typer.Option("auto", help=DEVICE_HELP),
+         gguf: Optional[Path] = typer.Option(None, help=GGUF_HELP)) -> None:
     """Chat in the terminal with streamed replies (/reset, /tool TEXT, /exit). Reads stdin, so it can be piped."""
     import sys
 
     from zagreus.model.generate import SamplingParams
     from zagreus.serve import chat_cli
-    from zagreus.serve.engine import open_engine
 
     tool_list = _load_tools(tools)
-    engine = open_engine(model, template=template, device=_device(device))
+    engine = _engine(model, gguf, device, template=template)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, max_new_tokens=max_tokens, seed=seed)
     try:
@@ -92,18 +106,17 @@ def serve(model: Path = typer.Argument(..., help=MODEL_HELP),
           insecure: bool = typer.Option(False, "--insecure", help="serve a non-loopback --host without an API key"),
           max_request_bytes: int = typer.Option(1 << 20, min=1, help="largest request body; a larger one gets 413"),
           max_tokens: int = typer.Option(2048, min=1, help="most new tokens per request; a larger max_tokens "
-                                                          "is clamped to it")) -> None:
+                                                          "is clamped to it"),
+          gguf: Optional[Path] = typer.Option(None, help=GGUF_HELP)) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health) and a web chat at /."""
     if api_key == "":
         raise UserError("--api-key: empty; pass the key clients must send, or leave the option out")
     if api_key is None and not insecure and not _loopback(host):
         raise UserError(f"--host {host} lets other machines in: pass --api-key KEY (or set ZAGREUS_API_KEY), "
                         "or --insecure to serve without a key")
-    from zagreus.serve.engine import open_engine
     from zagreus.serve.server import Limits, serve as run_server
 
-    engine = open_engine(model, template=template, name=name, max_active=max_running, batch=batch,
-                         device=_device(device))
+    engine = _engine(model, gguf, device, template=template, name=name, max_active=max_running, batch=batch)
     limits = Limits(max_request_bytes=max_request_bytes, max_tokens=max_tokens, api_key=api_key)
     typer.echo(f"serving {engine.name} on http://{host}:{port}/ (OpenAI API under /v1"
                f"{', API key required' if api_key else ''})")
