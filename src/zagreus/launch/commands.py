@@ -11,12 +11,18 @@ from typing import Optional
 import typer
 
 
-def check(recipe: Path = typer.Argument(..., help="YAML recipe")) -> None:
-    """Validate a recipe and print the plan: stages, model size, token budget."""
+def check(recipe: Path = typer.Argument(..., help="YAML recipe"),
+          gpus: Optional[int] = typer.Option(None, min=1, help="GPUs of the pretraining job; default: the layout's own "
+                                                             "count, or one 8-GPU node when dp_shard is -1"),
+          gpu: str = typer.Option("h100", help="GPU for the memory and time estimate: a100-40gb, a100-80gb, h100 or h200"),
+          mfu: float = typer.Option(0.5, help="model FLOPs utilisation the step time assumes, a fraction in (0, 1]; "
+                                              "0.5 is the project's target on H100")) -> None:
+    """Validate a recipe and print the plan: stages, model size, token budget, and the per-GPU memory and
+    step time of its pretraining layout."""
     from zagreus.launch.pipeline import plan
     from zagreus.recipe import load_recipe
 
-    for line in plan(load_recipe(recipe), recipe):
+    for line in plan(load_recipe(recipe), recipe, gpus=gpus, gpu=gpu, mfu=mfu):
         typer.echo(line)
 
 

@@ -49,8 +49,10 @@ def stage_commands(recipe: Recipe, recipe_path: Path) -> list[tuple[str, list[st
     return commands
 
 
-def plan(recipe: Recipe, recipe_path: Path) -> list[str]:
-    """The lines `zagreus check` prints: run directory, stages, model size, token budget, mixture."""
+def plan(recipe: Recipe, recipe_path: Path, *, gpus: int | None, gpu: str, mfu: float) -> list[str]:
+    """The lines `zagreus check` prints: run directory, stages, model size, token budget, mixture, and
+    for pretraining the per-GPU memory and throughput of its layout on `gpus` x `gpu` at `mfu`
+    (zagreus.train.memory; gpus None: the layout's own size, or one 8-GPU node for dp_shard -1)."""
     lines = [f"recipe {recipe_path}: OK",
              f"  run directory : {recipe.run_path()}",
              f"  stages        : {' -> '.join(stage for stage, _ in stage_commands(recipe, recipe_path))}"]
@@ -67,6 +69,9 @@ def plan(recipe: Recipe, recipe_path: Path) -> list[str]:
         for s in recipe.data.sources:
             origin = s.hub or (s.paths() and ", ".join(s.paths())) or "python stdlib"
             lines.append(f"  source {s.name:<12}: {s.weight / total_w:6.1%} of tokens from {origin}")
+        from zagreus.train.memory import estimate, report  # torch: only recipes that pretrain pay for it
+
+        lines += report(estimate(cfg, p, gpus, gpu, mfu))
     log.debug("resolved recipe:\n%s", dump_recipe(recipe))
     return lines
 
