@@ -23,7 +23,9 @@ Two choices the converter does not make for us:
   that is a whole vocabulary entry is one token, as tiktoken does). A BPE we train with tokenizers
   splits with the same pattern but applies its merges to every piece, so it gets `smaug-bpe`: the
   same pattern in llama.cpp (src/llama-vocab.cpp), without ignore_merges. Which one a tokenizer needs
-  is read from its tokenizer.json (`model.ignore_merges`).
+  is read from its tokenizer.json (`model.ignore_merges`). On the BPEs trained on the handbook every
+  vocabulary entry encodes to itself, so the two rules give the same ids there; smaug-bpe is the one
+  that states ours.
 - q4_0. The converter writes no Q4_0; llama-quantize does, and keeps the output projection (the
   embedding when tied) at Q6_K. gguf-py has no Q6_K quantizer, so that tensor is Q8_0 here.
 """
