@@ -252,3 +252,33 @@ def test_negative_epochs_never_mark_the_stage_finished(export, tmp_path):
     # So the corrected rerun trains instead of being skipped.
     run_sft(load_recipe(sft_recipe(tmp_path, export, epochs=1)))
     assert stage.finished() and stage.read_summary()["steps"] == 1
+
+
+def test_permission_denied_is_one_line(export):
+    """EACCES for real: `zagreus export` run as an unprivileged user (root ignores permissions)
+    into a folder that user may not write: one line naming the path and the fix, nothing written."""
+    import tempfile
+
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv to run the command as another user")
+    root = Path(tempfile.mkdtemp(prefix="zagreus-eacces-"))
+    try:
+        root.chmod(0o755)
+        model = root / "model"
+        shutil.copytree(export, model)
+        for path in [model, *model.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        locked = root / "locked"
+        locked.mkdir(mode=0o755)
+        done = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                               "zagreus.cli", "export", str(model), "--out", str(locked / "out")],
+                              capture_output=True, text=True, cwd=root, env={**os.environ, "HOME": str(root),
+                                                                             "OMP_NUM_THREADS": "1"})
+        if "zagreus" in done.stderr and "No module named" in done.stderr:
+            pytest.skip("the unprivileged user cannot import this checkout")
+        line = one_error_line(done)
+        assert line.startswith(f"error: {locked / 'out'}: permission denied (EACCES)"), line
+        assert list(locked.iterdir()) == []
+    finally:
+        shutil.rmtree(root)
