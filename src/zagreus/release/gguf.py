@@ -37,6 +37,7 @@ import json
 import logging
 from pathlib import Path
 
+import gguf
 import torch
 
 from zagreus.checkpoint import load_model_and_tokenizer
@@ -55,8 +56,6 @@ QUANTS = ("f16", "q8_0", "q4_0")
 
 def _types(quant: str):
     """(file type, matrix type, output-projection type) of a --quant."""
-    import gguf
-
     Q = gguf.GGMLQuantizationType
     return {
         "f16": (gguf.LlamaFileType.MOSTLY_F16, Q.F16, Q.F16),
@@ -88,8 +87,6 @@ def pre_tokenizer_type(spec: dict, name: str) -> str:
 
 
 def _add_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int, chat_template: str | None) -> None:
-    import gguf
-
     hf = tokenizer.to_hf()
     spec = json.loads(hf.to_str())
     by_id = {i: t for t, i in hf.get_vocab(with_added_tokens=True).items()}
@@ -110,6 +107,7 @@ def _add_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int, chat_template:
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
     writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.eos_id)
+    # The pad token Tokenizer.save names in tokenizer_config.json.
     pad = next((tokenizer.special_tokens[t] for t in ("<|finetune_right_pad_id|>", "<|pad|>") if t in tokenizer.special_tokens), None)
     if pad is not None:
         writer.add_pad_token_id(pad)
@@ -126,8 +124,6 @@ def write_gguf(model: Transformer, tokenizer: Tokenizer, path: Path, quant: str 
 
     `template` ("chatml" or "llama3", with `chat_template` its Jinja text) names the end-of-turn token.
     """
-    import gguf
-
     if quant not in QUANTS:
         raise UserError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
     cfg = model.cfg
@@ -203,8 +199,6 @@ def write_gguf(model: Transformer, tokenizer: Tokenizer, path: Path, quant: str 
 
 def gguf_file_name(name: str, model: Transformer, quant: str) -> str:
     """The GGUF naming convention (ggml's docs/gguf.md, gguf.naming_convention): name-size-QUANT.gguf."""
-    import gguf
-
     size = gguf.size_label(model.cfg.param_counts()["total"], 0, 0, 0)
     return gguf.naming_convention(name, None, None, None, size, quant.upper()) + ".gguf"
 
