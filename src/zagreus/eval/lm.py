@@ -21,6 +21,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm import tqdm
 
 from zagreus.checkpoint import load_model_and_tokenizer
+from zagreus.devices import pick_device
 from zagreus.eval.scorer import score_pairs
 from zagreus.eval.tiebreak import TiebreakReport, decide_close_calls
 from zagreus.model.generate import Decoder, Sampler, SamplingParams, token_budget
@@ -47,7 +48,7 @@ class ZagreusLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise ValueError("pass pretrained=PATH (export, checkpoint or run folder) or model= and tokenizer=")
-            model, tokenizer = load_model_and_tokenizer(pretrained, device=device or "cpu")
+            model, tokenizer = load_model_and_tokenizer(pretrained, device=pick_device(device or "auto"))
         if tokenizer is None:
             raise ValueError("a tokenizer is needed with model=")
         if kwargs:
