@@ -91,8 +91,10 @@ def _no_dist() -> bool:
 
 
 def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    meta: dict, keep: int | None = None, rank_state: dict | None = None) -> Path:
-    """Write checkpoint `step` under `root` atomically (every rank calls this); prune to the last `keep`.
+                    meta: dict, keep: int | None = None, rank_state: dict | None = None,
+                    permanent_every: int | None = None) -> Path:
+    """Write checkpoint `step` under `root` atomically (every rank calls this); prune to the last `keep`,
+    except the steps that are multiples of `permanent_every`.
 
     meta: JSON-able facts of the run (tokens seen, loader state, recipe...); step, code version
     and the files' sizes and hashes are added. rank_state: this rank's own small objects (RNG
@@ -103,7 +105,7 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
     root = Path(root)
     tmp = root / f".tmp-{step_name(step)}"
     try:
-        return _save(root, tmp, step, model, optimizer, meta, keep, rank_state)
+        return _save(root, tmp, step, model, optimizer, meta, keep, rank_state, permanent_every)
     except (Exception, dcp.CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
         failure = _os_error(exc, root)  # before the partial folder goes, so that a full disk still shows
         shutil.rmtree(tmp, ignore_errors=True)
@@ -113,7 +115,7 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
 
 
 def _save(root: Path, tmp: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, meta: dict,
-          keep: int | None, rank_state: dict | None) -> Path:
+          keep: int | None, rank_state: dict | None, permanent_every: int | None) -> Path:
     rank, _ = _rank_world()
     final = root / step_name(step)
     if rank == 0:
@@ -148,8 +150,9 @@ def _save(root: Path, tmp: Path, step: int, model: nn.Module, optimizer: torch.o
         os.rename(tmp, final)
         _fsync_dir(root)
         if keep is not None:
-            for _, old in list_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            for old_step, old in list_checkpoints(root)[:-keep]:
+                if not (permanent_every and old_step % permanent_every == 0):
+                    shutil.rmtree(old, ignore_errors=True)
         log.info("saved checkpoint %s", final)
     _barrier()
     return final

@@ -206,7 +206,15 @@ class ParallelSection(Strict):
 
 class CheckpointSection(Strict):
     every: int = Field(5000, ge=1)
-    keep: int = Field(5, ge=1)
+    keep: int = Field(5, ge=1, description="the newest checkpoints kept; older ones are deleted")
+    keep_every: int | None = Field(None, ge=1, description="also keep every Nth checkpoint forever (steps that are "
+                                                           "multiples of keep_every x every), so the rows of the "
+                                                           "evaluation progression survive pruning")
+
+    @property
+    def permanent_every(self) -> int | None:
+        """The step interval of the checkpoints that pruning never deletes."""
+        return self.keep_every * self.every if self.keep_every else None
 
 
 class PretrainSection(Strict):

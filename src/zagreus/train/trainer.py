@@ -122,6 +122,7 @@ class Settings:
     checkpoint_every: int
     keep: int | None
     max_bad_steps: int
+    permanent_every: int | None = None  # checkpoints at multiples of this step are never pruned
 
     @classmethod
     def of(cls, section: str, sec, steps: int) -> "Settings":
@@ -129,7 +130,7 @@ class Settings:
         (pretrain, sft and dpo all do), for a run of `steps` optimizer steps."""
         opt = sec.optimizer
         return cls(section, steps, opt.lr, lr_multiplier(sec.schedule, steps, opt.lr), opt.clip, sec.log_every,
-                   sec.checkpoint.every, sec.checkpoint.keep, sec.max_bad_steps)
+                   sec.checkpoint.every, sec.checkpoint.keep, sec.max_bad_steps, sec.checkpoint.permanent_every)
 
 
 def run_facts(model_config, recipe, **extra) -> dict:
@@ -183,7 +184,7 @@ class Trainer:
         if self.tokenizer_dir is not None:  # relative to the checkpoint folder, so a moved run still loads
             meta["tokenizer_dir"] = os.path.relpath(self.tokenizer_dir, self.checkpoints / step_name(self.step))
         return save_checkpoint(self.checkpoints, self.step, self.model, self.optimizer, meta, keep=self.s.keep,
-                               rank_state=rank_state)
+                               rank_state=rank_state, permanent_every=self.s.permanent_every)
 
     # --- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
