@@ -5,6 +5,7 @@ from __future__ import annotations
 # Only typer, zagreus.errors and the standard library at module level, so `zagreus --help` stays
 # fast; each verb imports the code it runs.
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -43,7 +44,12 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="results JSON (default: print it)"),
     every_checkpoint: bool = typer.Option(False, "--every-checkpoint",
                                           help="MODEL is a run dir: evaluate each new checkpoint, write eval/progression.*"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default cpu)"),
+    watch: bool = typer.Option(False, "--watch", help="MODEL is a run dir being trained: score each checkpoint as it "
+                               "appears (beside the trainer, in this process), until the final step is scored"),
+    poll: float = typer.Option(30.0, min=0.1, help="with --watch: seconds between looks for a new checkpoint"),
+    idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", min=1.0,
+                                                 help="with --watch: give up after this many seconds without a new checkpoint"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 (default auto: the GPU when there is one)"),
 ) -> None:
     """Evaluate a model (or every checkpoint of a run) with lm-evaluation-harness, in process."""
     from zagreus.recipe import EVAL_BATCH_SIZE
@@ -58,6 +64,15 @@ def evaluate(
         lim = int(lim)
     bs = batch_size or defaults.get("batch_size") or EVAL_BATCH_SIZE
     ddir = data_dir or defaults.get("data_dir")
+    if watch:
+        from zagreus.eval.progression import watch_run
+        from zagreus.rundir import RunDir
+
+        os.nice(10)  # beside a trainer, on its CPUs or feeding its GPUs: the trainer's processes come first
+        watch_run(model, task_list, num_fewshot=fewshot, limit=lim, batch_size=bs, data_dir=ddir, device=device,
+                  poll=poll, idle_timeout=idle_timeout, echo=typer.echo)
+        typer.echo(RunDir(model).progression().read_text(encoding="utf-8"))
+        return
     if every_checkpoint:
         from zagreus.eval.progression import evaluate_run
         from zagreus.rundir import RunDir
