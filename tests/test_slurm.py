@@ -117,3 +117,52 @@ def test_submit_calls_sbatch(tmp_path: Path, monkeypatch) -> None:
     assert "submitted job 777" in result.output
     script = tmp_path / "runs" / "slurm-test" / "slurm" / "pretrain.sbatch"
     assert (bin_dir / "sbatch.args").read_text().split() == ["--parsable", str(script)]
+
+
+def test_eval_job_beside_training(tmp_path: Path, monkeypatch) -> None:
+    """A recipe with eval tasks gets eval.sbatch: one GPU, `zagreus eval RUN --watch`, submitted to start
+    after the training job has started; it waits for the run's recipe.yaml and requeues itself on USR1."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE % 1 + "eval: {tasks: [zagreus_arc_it]}\n")
+    bin_dir = _fake_bin(tmp_path)
+    (bin_dir / "sbatch").write_text('#!/bin/bash\necho "$@" >> "$(dirname "$0")/sbatch.args"\n'
+                                    'n=$(wc -l < "$(dirname "$0")/sbatch.args"); echo "$((776 + n));cluster"\n')
+    (bin_dir / "zagreus").write_text(FAKE_SRUN.replace("srun.args", "zagreus.args"))
+    for name in ("sbatch", "zagreus"):
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    result = CliRunner().invoke(app, ["slurm", str(recipe), "--nodes", "1", "--gpus-per-node", "2", "--submit",
+                                      "--setup", "true"])
+    assert result.exit_code == 0, result.output
+    slurm_dir = tmp_path / "runs" / "slurm-test" / "slurm"
+    assert "submitted job 777" in result.output and "submitted job 778 (eval, after 777)" in result.output
+    assert (bin_dir / "sbatch.args").read_text().splitlines() == [
+        f"--parsable {slurm_dir / 'pretrain.sbatch'}", f"--parsable --dependency=after:777 {slurm_dir / 'eval.sbatch'}"]
+    script = slurm_dir / "eval.sbatch"
+    lines = script.read_text().splitlines()
+    for line in ("#SBATCH --job-name=slurm-test-eval", "#SBATCH --nodes=1", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300"):
+        assert line in lines, line
+
+    # The job waits for the training job to write the run's recipe, then watches; USR1 requeues it.
+    log = tmp_path / "log"
+    log.mkdir()
+    env = {**os.environ, "FAKE_LOG": str(log), "SLURM_JOB_ID": "778"}
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1)
+    assert not (log / "zagreus.args").exists()  # no recipe.yaml yet: still waiting
+    (slurm_dir.parent / "recipe.yaml").write_text(recipe.read_text())
+    deadline = time.time() + 60
+    while not (log / "zagreus.args").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert (log / "zagreus.args").read_text().split() == [
+        "eval", str(slurm_dir.parent), "--watch", "--device", "auto", "--idle-timeout", "21600"]
+    proc.send_signal(signal.SIGUSR1)
+    deadline = time.time() + 30
+    while not (log / "scontrol.log").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    (log / "stop").touch()
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert (log / "scontrol.log").read_text().split() == ["requeue", "778"]

@@ -47,14 +47,25 @@ def slurm(recipe: Path = typer.Argument(..., help="YAML recipe"),
                                                          "activate this command's virtual environment"),
           out: Optional[Path] = typer.Option(None, help="script path; default <run>/slurm/pretrain.sbatch"),
           submit: bool = typer.Option(False, "--submit", help="submit it with sbatch")) -> None:
-    """Write an sbatch script running `zagreus pretrain RECIPE` with torchrun on every node (requeue + resume)."""
+    """Write an sbatch script running `zagreus pretrain RECIPE` with torchrun on every node (requeue + resume),
+    and, when the recipe has eval tasks, a one-GPU job scoring each checkpoint as it lands (`eval --watch`)."""
     from zagreus.launch.slurm import SlurmJob, default_setup, submit as sbatch, write_sbatch
 
     job = SlurmJob(nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time, account=account,
                    cpus_per_node=cpus_per_node, setup=setup if setup is not None else default_setup())
-    script = write_sbatch(recipe, job, out)
-    typer.echo(f"wrote {script} ({nodes} x {gpus_per_node} GPUs)")
-    typer.echo(f"submitted job {sbatch(script)}" if submit else f"submit with: sbatch {script}")
+    scripts = write_sbatch(recipe, job, out)
+    typer.echo(f"wrote {scripts.pretrain} ({nodes} x {gpus_per_node} GPUs)")
+    if scripts.eval:
+        typer.echo(f"wrote {scripts.eval} (1 GPU: eval --watch beside the training job)")
+    if not submit:
+        typer.echo(f"submit with: sbatch {scripts.pretrain}")
+        if scripts.eval:
+            typer.echo(f"        then: sbatch --dependency=after:TRAINING_JOB_ID {scripts.eval}")
+        return
+    train_id = sbatch(scripts.pretrain)
+    typer.echo(f"submitted job {train_id}")
+    if scripts.eval:
+        typer.echo(f"submitted job {sbatch(scripts.eval, after=train_id)} (eval, after {train_id})")
 
 
 def register(app: typer.Typer) -> None:
