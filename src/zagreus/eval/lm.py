@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from zagreus.checkpoint import load_model_and_tokenizer
 from zagreus.devices import pick_device
+from zagreus.errors import UserError
 from zagreus.eval.scorer import score_pairs
 from zagreus.eval.tiebreak import TiebreakReport, decide_close_calls
 from zagreus.model.generate import Decoder, Sampler, SamplingParams, token_budget
@@ -212,3 +213,18 @@ def make_lm(model_or_path, tokenizer=None, batch_size: int = EVAL_BATCH_SIZE, de
     if isinstance(model_or_path, (str, Path)):
         return ZagreusLM(pretrained=str(model_or_path), batch_size=batch_size, device=device, tiebreak=tiebreak)
     return ZagreusLM(model=model_or_path, tokenizer=tokenizer, batch_size=batch_size, tiebreak=tiebreak)
+
+
+def make_hf_lm(pretrained: str | Path, batch_size: int = EVAL_BATCH_SIZE, device: str | None = None):
+    """lm-eval's own HFLM for any Hugging Face causal LM, a local folder or a hub id (no fast scorer, no tiebreak).
+
+    batch_size counts sequences here (HFLM's meaning), not our x256-token budget.
+    """
+    from lm_eval.models.huggingface import HFLM  # transformers: only for models that are not ours
+
+    try:
+        return HFLM(pretrained=str(pretrained), batch_size=batch_size, device=str(pick_device(device or "auto")))
+    except (OSError, ValueError) as exc:  # not on the hub / offline, or an architecture transformers lacks
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{pretrained}: transformers could not open it as a causal LM ({reason}); pass an export, "
+                        f"a checkpoint, a run directory, a local Hugging Face folder or a hub id") from None

@@ -89,17 +89,26 @@ def _offline_hint(group: list, exc: Exception) -> str:
 def evaluate(model: str | Path, tasks: list[str], num_fewshot: int | dict[str, int] | None = None,
              limit: int | float | None = None, batch_size: int = EVAL_BATCH_SIZE, data_dir: str | Path | None = None,
              device: str | None = None) -> dict:
-    """Results dict for a model folder (export, checkpoint or run dir) on the named tasks."""
-    from zagreus.eval.lm import make_lm  # imports lm-eval (seconds): `zagreus compare` and results I/O need none of it
+    """Results dict for a model on the named tasks: an export, checkpoint or run dir (our fast scorer),
+    or any other Hugging Face causal LM, a local folder or a hub id (lm-eval's HFLM); `backend` says which."""
+    from zagreus.eval.backend import backend_of, local_path
+    # lm.py imports lm-eval (seconds): `zagreus compare` and results I/O need none of it.
+    from zagreus.eval.lm import make_hf_lm, make_lm
 
     if not tasks:
         raise UserError("no tasks given; pass --tasks T1,T2 (e.g. zagreus_arc_it) or set eval.tasks in the recipe")
     check_task_names(tasks)
     start = time.perf_counter()
-    lm = make_lm(model, batch_size=batch_size, device=device)
+    backend = backend_of(model)
+    if backend == "zagreus":
+        lm = make_lm(model, batch_size=batch_size, device=device)
+    else:
+        local = local_path(model)
+        lm = make_hf_lm(local if local.exists() else model, batch_size=batch_size, device=device)
     summary, raw = run_tasks(lm, tasks, num_fewshot=num_fewshot, limit=limit, data_dir=data_dir)
     return {
-        "model": str(model), "tasks": summary, "tiebreak": raw["tiebreak"], "limit": limit, "num_fewshot": num_fewshot,
+        "model": str(model), "backend": backend, "tasks": summary, "tiebreak": raw["tiebreak"], "limit": limit,
+        "num_fewshot": num_fewshot,
         "data_dir": str(data_dir) if data_dir else None, "seconds": round(time.perf_counter() - start, 2),
         "zagreus_version": __version__, "lm_eval_version": _lm_eval_version(),
     }
