@@ -8,25 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_eval_lm import build_export, okapi_items, write_arc_task_files
+from test_eval_lm import build_export
+from test_eval_progression import data_dir, tokenizer_dir  # noqa: F401  (fixtures: a small BPE, 8 ARC items)
 
 from zagreus.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    from zagreus.tokenizer import train_bpe
-
-    out = tmp_path_factory.mktemp("tok")
-    train_bpe([" ".join(str(v) for v in item.values()) for item in okapi_items(200, seed=3)], 512, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return write_arc_task_files(tmp_path_factory.mktemp("bench"), n_test=12, n_val=2)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +69,7 @@ def test_any_hf_model_scores_as_hflm(qwen_dir, data_dir, tmp_path):
     results = evaluate(qwen_dir, ["zagreus_arc_it"], num_fewshot=1, batch_size=4, data_dir=data_dir, device="cpu")
     assert results["backend"] == "hf" and results["tiebreak"] is None
     entry = results["tasks"]["zagreus_arc_it"]
-    assert entry["metric"] == "acc_norm" and entry["samples"] == 12 and entry["num_fewshot"] == 1
+    assert entry["metric"] == "acc_norm" and entry["samples"] == 8 and entry["num_fewshot"] == 1
     assert "rescored" not in entry
 
     direct, raw = run_tasks(HFLM(pretrained=str(qwen_dir), batch_size=4, device="cpu"), ["zagreus_arc_it"],

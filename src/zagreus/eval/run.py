@@ -23,7 +23,8 @@ from zagreus.recipe import EVAL_BATCH_SIZE
 log = logging.getLogger(__name__)
 
 
-def _task_entry(task: str, metrics: dict[str, Any], n_samples: int | None, num_fewshot: int | None) -> dict:
+def task_entry(task: str, metrics: dict[str, Any], n_samples: int | None, num_fewshot: int | None) -> dict:
+    """Our results entry of a task from lm-eval's metrics ({"acc,none": .., "acc_stderr,none": ..})."""
     values = {k.split(",")[0]: v for k, v in metrics.items()
               if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
     metric = report_metric(task)
@@ -57,7 +58,7 @@ def run_tasks(lm, tasks: list[str], num_fewshot: int | dict[str, int] | None = N
     from zagreus.eval.tiebreak import TiebreakReport
 
     summary: dict[str, dict] = {}
-    raw: dict[str, Any] = {"results": {}, "samples": {}}
+    raw: dict[str, Any] = {"results": {}, "samples": {}, "group_subtasks": {}}
     tiebreak = TiebreakReport()
     take_report = getattr(lm, "take_tiebreak_report", None)  # ours has one; lm-eval's HFLM not
     for k, group in groups.items():
@@ -70,11 +71,12 @@ def run_tasks(lm, tasks: list[str], num_fewshot: int | dict[str, int] | None = N
         tiebreak.merge(report)
         for task, metrics in out["results"].items():
             n = out.get("n-samples", {}).get(task, {}).get("effective")
-            summary[task] = _task_entry(task, metrics, n, k)
+            summary[task] = task_entry(task, metrics, n, k)
             if report.requests:
                 summary[task]["rescored"] = report.rescored_items.get(task, 0)
         raw["results"].update(out["results"])
         raw["samples"].update(out.get("samples", {}))
+        raw["group_subtasks"].update(out.get("group_subtasks") or {})
     raw["tiebreak"] = tiebreak.as_dict() if tiebreak.requests else None
     return summary, raw
 
@@ -108,7 +110,7 @@ def evaluate(model: str | Path, tasks: list[str], num_fewshot: int | dict[str, i
     summary, raw = run_tasks(lm, tasks, num_fewshot=num_fewshot, limit=limit, data_dir=data_dir)
     return {
         "model": str(model), "backend": backend, "tasks": summary, "tiebreak": raw["tiebreak"], "limit": limit,
-        "num_fewshot": num_fewshot,
+        "num_fewshot": num_fewshot, **({"group_subtasks": raw["group_subtasks"]} if raw["group_subtasks"] else {}),
         "data_dir": str(data_dir) if data_dir else None, "seconds": round(time.perf_counter() - start, 2),
         "zagreus_version": __version__, "lm_eval_version": _lm_eval_version(),
     }
