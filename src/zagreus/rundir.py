@@ -10,6 +10,8 @@ module, so the layout below is written down once:
     metrics.jsonl, tb/             pretraining curves
     exports/step-N/                Hugging Face folders written by `zagreus export`
     eval/step-N.json               lm-eval results per checkpoint; eval/progression.{md,csv,png}
+    eval/compare.{md,csv,png}      `zagreus compare --run`: this run's model against others
+    eval/delta.{md,csv,png}        `zagreus compare --delta --run`: base against fine-tune, task by task
     sft/, dpo/                     post-training stages (see StageDir)
     release/                       the released model with its model card
 
@@ -144,6 +146,14 @@ class RunDir:
         """eval/progression.<suffix>: md, csv or png (None: the stem the table writer adds suffixes to)."""
         stem = self.eval / "progression"
         return stem if suffix is None else stem.with_suffix(f".{suffix}")
+
+    def comparison(self, suffix: str = "md") -> Path:
+        """eval/compare.<suffix> (md, csv, png): `zagreus compare --run` writes it, the model card embeds it."""
+        return (self.eval / "compare").with_suffix(f".{suffix}")
+
+    def delta(self, suffix: str = "md") -> Path:
+        """eval/delta.<suffix> (md, csv, png): `zagreus compare --delta --run` writes it, the model card embeds it."""
+        return (self.eval / "delta").with_suffix(f".{suffix}")
 
     def list_checkpoints(self) -> list[tuple[int, Path]]:
         return list_checkpoints(self.checkpoints)

@@ -96,13 +96,35 @@ def evaluate(
 
 
 def compare(
-    results: list[Path] = typer.Argument(..., help="results JSON files from `zagreus eval --out`"),
-    out: Path = typer.Option(..., help="output folder for compare.md, compare.csv, compare.png"),
+    results: list[Path] = typer.Argument(..., help="results: `zagreus eval --out` JSON files, lm-eval's results_*.json "
+                                          "or the folder `lm-eval --output_path` wrote (its newest file)"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default with --run: the run's eval/)"),
+    run: Optional[Path] = typer.Option(None, "--run", help="run directory: write into its eval/ (compare.* or delta.*), "
+                                       "where `zagreus release` puts them in the model card"),
+    delta: bool = typer.Option(False, "--delta", help="two results, BASE then FINE-TUNE: one row per task with both "
+                               "scores and Δ = fine-tune − base, and the average (delta.md, delta.csv, delta.png)"),
 ) -> None:
-    """Models side by side: task scores by language, per-language and overall averages, bar chart."""
-    from zagreus.eval.compare import compare as compare_results
+    """Models side by side (task scores by language, per-language and overall averages, bar chart), or with
+    --delta a base model against its fine-tune, task by task."""
+    if out is None and run is None:
+        raise UserError("no output folder: pass --out DIR, or --run RUN_DIR to write into the run's eval/")
+    if out is None:
+        from zagreus.rundir import RunDir
 
-    files = compare_results(results, out)
+        if not RunDir.looks_like_run(run):
+            raise UserError(f"{run}: not a run directory (no recipe.yaml, checkpoints/ or data/manifest.json); "
+                            f"pass the run's folder or --out DIR")
+        out = RunDir(run).eval
+    if delta:
+        from zagreus.eval.delta import delta as delta_table
+
+        if len(results) != 2:
+            raise UserError(f"--delta takes two results, BASE then FINE-TUNE; got {len(results)}")
+        files = delta_table(results[0], results[1], out)
+    else:
+        from zagreus.eval.compare import compare as compare_results
+
+        files = compare_results(results, out)
     typer.echo(files[0].read_text(encoding="utf-8"))
     typer.echo("wrote " + ", ".join(str(f) for f in files))
 

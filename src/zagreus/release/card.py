@@ -1,7 +1,8 @@
 """The model card (README.md) of a release, built from the run's own records.
 
 The card states only what the run directory records: the resolved recipe, the data manifest,
-the checkpoint's meta.json, the post-training summaries and the evaluation progression.
+the checkpoint's meta.json, the post-training summaries and the evaluation tables in eval/
+(progression, comparison with other models, base against fine-tune).
 Nothing is filled in by hand.
 """
 
@@ -204,8 +205,14 @@ def _data_section(run: RunDir | None) -> list[str]:
 
 
 def _eval_section(run: RunDir | None) -> list[str]:
-    progression = run.progression() if run is not None else None
-    if progression is None or not progression.is_file():
+    """The evaluation tables the run holds: progression by checkpoint, comparison with other models, base vs fine-tune."""
+    if run is None:
         return []
-    return ["## Evaluation", "", "Scores by checkpoint (lm-evaluation-harness, `zagreus eval --every-checkpoint`):", "",
-            progression.read_text().strip(), ""]
+    tables = [(run.progression(), "Scores by checkpoint (lm-evaluation-harness, `zagreus eval --every-checkpoint`):"),
+              (run.comparison(), "Against other models (`zagreus compare --run`):"),
+              (run.delta(), "Base model against its fine-tune, task by task (`zagreus compare --delta --run`):")]
+    out = []
+    for path, intro in tables:
+        if path.is_file():
+            out += [intro, "", path.read_text(encoding="utf-8").strip(), ""]
+    return ["## Evaluation", "", *out] if out else []
