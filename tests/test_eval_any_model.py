@@ -42,7 +42,8 @@ def test_backend_follows_config(tmp_path, tokenizer_dir, qwen_dir):
     export = build_export(tmp_path / "export", tokenizer_dir)
     assert backend_of(export) == "zagreus" and backend_of(str(export)) == "zagreus"
     assert backend_of(qwen_dir) == "hf"
-    assert backend_of("Qwen/Qwen3-0.6B") == "hf" and backend_of("gpt2") == "hf"
+    assert backend_of("Qwen/Qwen3-0.6B") == "hf" and backend_of(Path("LiquidAI/LFM2-350M")) == "hf"
+    assert backend_of("gpt2") == "hf"
 
     # A Llama folder made elsewhere: ours while our loader reads it, HFLM's once it has what ours lacks.
     config = json.loads((export / "config.json").read_text())

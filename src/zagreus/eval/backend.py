@@ -30,7 +30,7 @@ def backend_of(model: str | Path) -> Backend:
     """'zagreus' for what zagreus' loader opens, 'hf' for any other Hugging Face causal LM (folder or hub id)."""
     path = local_path(model)
     if not path.exists():
-        if isinstance(model, str) and HUB_ID.match(model) and not model.startswith("."):
+        if HUB_ID.match(str(model)):  # typer hands it over as a Path: "Qwen/Qwen3-0.6B" reads as one
             return "hf"
         raise UserError(f"{model}: no such file or folder, and not a hub id (owner/name); pass an export folder, "
                         f"a checkpoint, a run directory or a Hugging Face model")
