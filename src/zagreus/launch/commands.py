@@ -1,5 +1,5 @@
 """`zagreus check`, `zagreus run` (the stages of a recipe chained) and `zagreus slurm` (the sbatch
-script of a multi-node pretraining run)."""
+scripts of a recipe: multi-node pretraining, its evaluation job, post-training)."""
 
 from __future__ import annotations
 
@@ -38,34 +38,58 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe"),
 
 def slurm(recipe: Path = typer.Argument(..., help="YAML recipe"),
           nodes: int = typer.Option(..., min=1, help="number of nodes"),
-          gpus_per_node: int = typer.Option(..., min=1, help="GPUs (processes) per node"),
+          gpus_per_node: int = typer.Option(..., min=0, help="GPUs per node; 0 writes CPU jobs (gloo, --device cpu)"),
+          nproc_per_node: Optional[int] = typer.Option(None, min=1, help="torchrun processes per node; default the GPU "
+                                                                         "count (required with --gpus-per-node 0)"),
+          stage: Optional[list[str]] = typer.Option(None, "--stage", help="pretrain, sft or dpo (repeatable); default "
+                                                                          "pretrain plus the recipe's sft/dpo sections"),
           partition: Optional[str] = typer.Option(None, help="Slurm partition"),
           time: str = typer.Option("24:00:00", help="time limit per job (it requeues itself before the limit)"),
           account: Optional[str] = typer.Option(None, help="Slurm account"),
-          cpus_per_node: Optional[int] = typer.Option(None, help="CPUs for the one task per node"),
+          cpus_per_node: Optional[int] = typer.Option(None, help="CPUs for the one task per node; default on a CPU "
+                                                                 "job: one per process"),
           setup: Optional[str] = typer.Option(None, help="shell line run first on each job start; default: "
                                                          "activate this command's virtual environment"),
-          out: Optional[Path] = typer.Option(None, help="script path; default <run>/slurm/pretrain.sbatch"),
-          submit: bool = typer.Option(False, "--submit", help="submit it with sbatch")) -> None:
-    """Write an sbatch script running `zagreus pretrain RECIPE` with torchrun on every node (requeue + resume),
-    and, when the recipe has eval tasks, a one-GPU job scoring each checkpoint as it lands (`eval --watch`)."""
-    from zagreus.launch.slurm import SlurmJob, default_setup, submit as sbatch, write_sbatch
+          out: Optional[Path] = typer.Option(None, help="script path; default <run>/slurm/pretrain.sbatch (the "
+                                                        "other jobs' scripts go beside it)"),
+          submit: bool = typer.Option(False, "--submit", help="submit them with sbatch, chained; prints the job ids")) -> None:
+    """Write sbatch scripts: `zagreus pretrain RECIPE` with torchrun on every node (requeue + resume); when the
+    recipe has eval tasks, a one-device job scoring each checkpoint as it lands (`eval --watch`, after:pretrain);
+    and one-process sft/dpo jobs for those sections (afterok the previous stage)."""
+    from zagreus.launch.slurm import SlurmJob, default_setup, submit_all, write_sbatch
 
     job = SlurmJob(nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time, account=account,
-                   cpus_per_node=cpus_per_node, setup=setup if setup is not None else default_setup())
-    scripts = write_sbatch(recipe, job, out)
-    typer.echo(f"wrote {scripts.pretrain} ({nodes} x {gpus_per_node} GPUs)")
+                   cpus_per_node=cpus_per_node, setup=setup if setup is not None else default_setup(),
+                   nproc_per_node=nproc_per_node)
+    scripts = write_sbatch(recipe, job, out, stages=stage)
+    one = "1 CPU" if job.cpu else "1 GPU"
+    if scripts.pretrain:
+        what = f"{job.procs} CPU processes" if job.cpu else f"{gpus_per_node} GPUs"
+        typer.echo(f"wrote {scripts.pretrain} ({nodes} x {what})")
     if scripts.eval:
-        typer.echo(f"wrote {scripts.eval} (1 GPU: eval --watch beside the training job)")
+        typer.echo(f"wrote {scripts.eval} ({one}: eval --watch beside the training job)")
+    for name in ("sft", "dpo"):
+        if getattr(scripts, name):
+            typer.echo(f"wrote {getattr(scripts, name)} ({one}: zagreus {name}, one process)")
     if not submit:
-        typer.echo(f"submit with: sbatch {scripts.pretrain}")
+        previous = None
+        if scripts.pretrain:
+            typer.echo(f"submit with: sbatch {scripts.pretrain}")
+            previous = "TRAINING_JOB_ID"
         if scripts.eval:
             typer.echo(f"        then: sbatch --dependency=after:TRAINING_JOB_ID {scripts.eval}")
+        for name in ("sft", "dpo"):
+            script = getattr(scripts, name)
+            if script:
+                dependency = f"--dependency=afterok:{previous} " if previous else ""
+                typer.echo(f"        then: sbatch {dependency}{script}")
+                previous = f"{name.upper()}_JOB_ID"
         return
-    train_id = sbatch(scripts.pretrain)
-    typer.echo(f"submitted job {train_id}")
-    if scripts.eval:
-        typer.echo(f"submitted job {sbatch(scripts.eval, after=train_id)} (eval, after {train_id})")
+    for name, job_id, dependency in submit_all(scripts):
+        if name == "pretrain":
+            typer.echo(f"submitted job {job_id}")
+        else:
+            typer.echo(f"submitted job {job_id} ({name}" + (f", {dependency.replace(':', ' ')})" if dependency else ")"))
 
 
 def register(app: typer.Typer) -> None:
