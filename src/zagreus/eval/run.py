@@ -47,7 +47,8 @@ def run_tasks(lm, tasks: list[str], num_fewshot: int | dict[str, int] | None = N
 
     num_fewshot: one number for every task, or a per-task mapping (tasks not named use their default).
     """
-    _quiet_offline(all(t in local_task_names() for t in tasks))
+    offline_only = all(t in local_task_names() for t in tasks)
+    _quiet_offline(offline_only)
     specs = task_specs(tasks, data_dir)
     from lm_eval import simple_evaluate  # after the offline switches above: datasets reads them on import
 
@@ -63,7 +64,7 @@ def run_tasks(lm, tasks: list[str], num_fewshot: int | dict[str, int] | None = N
     take_report = getattr(lm, "take_tiebreak_report", None)  # ours has one; lm-eval's HFLM not
     for k, group in groups.items():
         try:
-            out = simple_evaluate(model=lm, tasks=group, num_fewshot=k, limit=limit, task_manager=task_manager(),
+            out = simple_evaluate(model=lm, tasks=group, num_fewshot=k, limit=limit, task_manager=task_manager(offline_only),
                                   log_samples=log_samples, bootstrap_iters=0, verbosity=None)
         except ConnectionError as exc:
             raise UserError(_offline_hint(group, exc)) from None
