@@ -219,27 +219,29 @@ def test_full_disk_seen_through_another_ranks_failure(small_disk, monkeypatch):
 
     from test_train_checkpoint import CFG, _trained
 
+    import torch.distributed.checkpoint as dcp
+
     from zagreus import checkpoint
 
     model, optimizer = _trained(1)
-    real_save = checkpoint.dcp.save
+    real_save = dcp.save
 
     def as_from_another_rank(*args, **kw):
         try:
             real_save(*args, **kw)
-        except checkpoint.dcp.CheckpointException as exc:
+        except dcp.CheckpointException as exc:
             failure = exc
         else:
             pytest.fail("the save fit on the full disk")
         raise pickle.loads(pickle.dumps(failure))  # what gather_object and broadcast_object deliver, no context
 
-    monkeypatch.setattr(checkpoint.dcp, "save", as_from_another_rank)
+    monkeypatch.setattr(dcp, "save", as_from_another_rank)
     with open(small_disk / "filler", "wb") as f:  # room for a few KB, not for the model
         os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(small_disk).free - (64 << 10))
     with pytest.raises(OSError) as raised:
         checkpoint.save_checkpoint(small_disk / "checkpoints", 1, model, optimizer, {"model_config": CFG.model_dump()})
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(small_disk / "checkpoints")
-    assert isinstance(raised.value.__cause__, checkpoint.dcp.CheckpointException)
+    assert isinstance(raised.value.__cause__, dcp.CheckpointException)
     assert list((small_disk / "checkpoints").iterdir()) == []
 
 

@@ -79,7 +79,7 @@ def test_crash_during_save_keeps_previous(tmp_path):
         def dying_save(state, checkpoint_id, **kw):
             real_save(state, checkpoint_id=checkpoint_id, **kw)
             os._exit(9)  # killed after the tensors are written, before meta.json and the rename
-        checkpoint.dcp.save = dying_save
+        dcp.save = dying_save
         checkpoint.save_checkpoint({str(root)!r}, 6, model, build_optimizer(model, OptimizerSection()), {{}}, keep=1)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

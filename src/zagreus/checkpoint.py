@@ -34,16 +34,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import xxhash
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
 
 import zagreus
 from zagreus.errors import UserError
@@ -102,6 +94,9 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
     removed and an OSError naming the path is raised (the CLI prints ENOSPC, EROFS, EACCES and EIO
     as one line); the checkpoints already there stay as they were.
     """
+    # DCP is imported where it is used: opening an export (eval, chat, serve) needs none of its second of imports.
+    import torch.distributed.checkpoint as dcp
+
     root = Path(root)
     tmp = root / f".tmp-{step_name(step)}"
     try:
@@ -116,6 +111,9 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
 
 def _save(root: Path, tmp: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, meta: dict,
           keep: int | None, rank_state: dict | None, permanent_every: int | None) -> Path:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
     rank, _ = _rank_world()
     final = root / step_name(step)
     if rank == 0:
@@ -177,6 +175,8 @@ def _os_error(exc: BaseException, root: Path) -> OSError | None:
     arrive pickled: an OSError keeps its errno, a RuntimeError loses its context, so a full disk
     is also recognised by its free space.
     """
+    import torch.distributed.checkpoint as dcp
+
     pending: list[BaseException] = [exc]
     while pending:
         error = pending.pop()
@@ -259,6 +259,10 @@ def load_checkpoint(checkpoint: str | Path, model: nn.Module, optimizer: torch.o
     Works whatever the current layout (plain, FSDP2, TP): DCP reshards to the tensors
     get_state_dict hands it.
     """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
+
     checkpoint = Path(checkpoint)
     if not is_checkpoint(checkpoint):
         raise UserError(f"{checkpoint}: not a complete checkpoint (no {META})")
