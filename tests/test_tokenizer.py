@@ -99,3 +99,14 @@ def test_train_bpe_roundtrip(tmp_path):
     reloaded = load_tokenizer(str(tmp_path))
     assert reloaded.fingerprint == tok.fingerprint
     assert reloaded.encode(texts[0]) == tok.encode(texts[0])
+
+
+def test_batch_with_specials_equals_one_at_a_time(llama3_tokenizer, exported, tmp_path):
+    """encode_batch(allow_special=True), which the evaluator uses on all of a task's strings at once,
+    gives encode(allow_special=True)'s ids for each text: tiktoken, the exported tokenizer.json, a trained BPE."""
+    bpe = train_bpe(HARD_STRINGS * 20, 400, tmp_path / "bpe")
+    for tok in (llama3_tokenizer, load_tokenizer(str(exported[0])), bpe):
+        assert tok.encode_batch(HARD_STRINGS, allow_special=True) == [tok.encode(t, allow_special=True) for t in HARD_STRINGS]
+    # The special-token string is one id with specials allowed, and text without.
+    assert llama3_tokenizer.encode_batch(["<|eot_id|>"], allow_special=True) == [[llama3_tokenizer.special_tokens["<|eot_id|>"]]]
+    assert len(llama3_tokenizer.encode_batch(["<|eot_id|>"])[0]) > 1

@@ -178,9 +178,18 @@ class Tokenizer:
             ids += self._at_once(piece)
         return ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Special-token strings as text; multi-threaded in both backends, long texts one at a time in pieces."""
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
+        """Special-token strings as text (unless allow_special, as in encode); multi-threaded in both
+        backends, long texts one at a time in pieces."""
         texts = list(texts)
+        if allow_special:
+            if self._tt is not None:
+                return self._tt.encode_batch(texts, allowed_special="all")
+            self._hf.encode_special_tokens = False
+            try:
+                return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+            finally:
+                self._hf.encode_special_tokens = True
         short = [t for t in texts if not self._long(t)]
         if self._tt is not None:
             encoded = iter(self._tt.encode_ordinary_batch(short))
