@@ -28,9 +28,10 @@ def _prompts(*lengths: int) -> list[list[int]]:
 
 @torch.inference_mode()
 def _plain_logits(model, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]:
-    """Next-position logits of the prompt and after each fed token: the model and a cache, nothing else."""
+    """Next-position logits of the prompt and after each fed token: the model and a cache, nothing else
+    (the prompt's last position alone through the output matrix, as the Decoder and HF's generate do)."""
     cache = KVCache.empty(model.cfg, 1, len(prompt) + len(tokens) + 1)
-    out = [model(torch.tensor([prompt]), cache=cache)[0, -1]]
+    out = [model.lm_head(model(torch.tensor([prompt]), cache=cache, return_hidden=True)[:, -1])[0]]
     out += [model(torch.tensor([[t]]), cache=cache)[0, -1] for t in tokens]
     return out
 

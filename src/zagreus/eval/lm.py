@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Collection
 
 from lm_eval import utils
 from lm_eval.api.model import TemplateLM
@@ -161,7 +162,8 @@ class ZagreusLM(TemplateLM):
             order = sorted(indices, key=lambda i: -len(prompts[i]))
             for b in range(0, len(order), self.gen_batch):
                 batch = order[b:b + self.gen_batch]
-                texts = generate_batch(self.model, [prompts[i] for i in batch], params, until, self.zt.decode)
+                texts = generate_batch(self.model, [prompts[i] for i in batch], params, until, self.zt.decode,
+                                       hidden_ids=self.zt.special_tokens.values())
                 for i, text in zip(batch, texts):
                     text = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
@@ -177,31 +179,47 @@ def _sharded(model) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def generate_batch(model, prompts: list[list[int]], params: SamplingParams, until: list[str], decode) -> list[str]:
-    """Decode several prompts at once with one Decoder.
+def generate_batch(model, prompts: list[list[int]], params: SamplingParams, until: list[str], decode,
+                   hidden_ids: Collection[int] = ()) -> list[str]:
+    """Decode several prompts at once with one Decoder (its KV cache): each row's text, not yet cut at its stop.
 
-    A row stops at a stop id, once its decoded text holds a stop string (checked on the text,
-    as HF's stopping criteria do), or after max_new_tokens; finished rows leave the batch.
+    The text is what HFLM decodes (`skip_special_tokens=True`): `hidden_ids`, the special tokens,
+    add no text. A row stops at a stop id, once its text holds a stop string, or after
+    max_new_tokens; finished rows leave the batch, so the others step on fewer rows. The stop
+    strings are looked for in the decoded tail of the row only, as many tokens as the longest
+    stop string has bytes (plus two): a stop string completed by the newest token lies within
+    it, since every token adds at least one byte; so each step decodes a few tokens, not the
+    whole reply. A hit is confirmed on the whole text before the row stops. Greedy rows are
+    picked with one argmax over the batch's logits.
     """
     decoder = Decoder(model)
     samplers = [Sampler(p, params, token_budget(model, p, params), decoder.device) for p in prompts]
     logits = decoder.prefill(prompts, [s.left for s in samplers])
-    generated: list[list[int]] = [[] for _ in prompts]
-    texts = [""] * len(prompts)
+    hidden = frozenset(hidden_ids)
+    shown: list[list[int]] = [[] for _ in prompts]  # the ids that decode to text
+    tail = max((len(s.encode("utf-8")) for s in until), default=0) + 2
     rows = list(range(len(prompts)))  # the prompt of each decoder row
+    greedy = all(s.greedy for s in samplers)
+
+    def stopped(ids: list[int]) -> bool:
+        return any(s in decode(ids[-tail:]) for s in until) and any(s in decode(ids) for s in until)
+
     while True:
+        picks = logits.argmax(-1).tolist() if greedy else None
         live, feed = [], []
         for k, i in enumerate(rows):
-            token = samplers[i].pick(logits[k])
+            token = samplers[i].take(picks[k]) if greedy else samplers[i].pick(logits[k])
             if token is None:
                 continue
-            generated[i].append(token)
-            texts[i] = decode(generated[i])
-            if samplers[i].left and not any(s in texts[i] for s in until):
+            if token not in hidden:
+                shown[i].append(token)
+                if until and stopped(shown[i]):
+                    continue
+            if samplers[i].left:
                 live.append(k)
                 feed.append(token)
         if not live:
-            return texts
+            return [decode(ids) for ids in shown]
         rows = [rows[k] for k in live]
         decoder.keep(live)
         logits = decoder.step(feed)

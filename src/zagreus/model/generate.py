@@ -74,9 +74,17 @@ class Sampler:
         self.stops = frozenset(params.stop_ids)
         self.gen = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
 
+    @property
+    def greedy(self) -> bool:
+        """Whether the pick is the plain argmax of the logits (so a batch's rows can be picked in one op)."""
+        return self.params.temperature <= 0 and self.params.repetition_penalty == 1.0
+
     def pick(self, logits: torch.Tensor) -> int | None:
         """The next token from the logits [vocab] of the last position; None at a stop id."""
-        token = pick_token(logits, self.seen, self.params, self.gen)
+        return self.take(pick_token(logits, self.seen, self.params, self.gen))
+
+    def take(self, token: int) -> int | None:
+        """Record a picked token (e.g. the argmax of a whole batch's logits, for greedy rows); None at a stop id."""
         if token in self.stops:
             return None
         self.seen.append(token)
@@ -137,7 +145,10 @@ class Decoder:
             # Causal over real tokens; a padding query sees itself only, so softmax never meets an empty row.
             causal = torch.ones(width, width, dtype=torch.bool).tril()
             mask = (causal[None] & real[:, None] | torch.eye(width, dtype=torch.bool))[:, None].to(self.device)
-        logits = self.model(tokens, positions=positions, mask=mask, cache=cache)[:, -1]
+        # Only the last position goes through the output matrix: [n, width, vocab] logits would
+        # cost a 128k-vocabulary model more than the prompt's whole forward.
+        hidden = self.model(tokens, positions=positions, mask=mask, cache=cache, return_hidden=True)[:, -1]
+        logits = self.model.lm_head(hidden) if self.model.lm_head is not None else hidden
         self.rows += [_Row(cache, i, len(p), budget) for i, (p, budget) in enumerate(zip(prompts, budgets))]
         return logits
 
