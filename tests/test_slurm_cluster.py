@@ -109,3 +109,35 @@ def test_requeued_pretraining_loses_nothing(slurm_cluster, data_dir, tmp_path):
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # no step missing or doubled
     for a, b in zip(got, want):
         assert (a["step"], a["loss"], a["grad_norm"]) == (b["step"], b["loss"], b["grad_norm"])
+
+
+def test_training_then_eval_and_sft_jobs(slurm_cluster, data_dir, tmp_path):
+    """pretrain; eval --watch after:pretrain (1 CPU); sft afterok:pretrain (1 CPU, one process)."""
+    from test_eval_lm import write_arc_task_files
+
+    bench = write_arc_task_files(tmp_path / "bench", n_test=8, n_val=2)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"prompt": f"quanto fa {i} più {i}?", "completion": f"fa {2 * i}."}) + "\n"
+                          for i in range(6)))
+    run = tmp_path / "pipeline"
+    path = recipe(data_dir, run, 20, eval={"tasks": ["zagreus_arc_it"], "data_dir": str(bench), "limit": 8},
+                  sft={"seq_len": 64, "micro_batch": 2, "epochs": 1, "datasets": [{"path": str(qa)}],
+                       "packing": False, "log_every": 1, "checkpoint": {"every": 2, "keep": 1}, "device": "cpu"})
+    out = zagreus("slurm", str(path), "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2", "--submit",
+                  cwd=tmp_path).stdout
+    jobs = submitted(out)
+    assert set(jobs) == {"pretrain", "eval", "sft"}, out
+    assert f"(eval, after {jobs['pretrain']})" in out and f"(sft, afterok {jobs['pretrain']})" in out, out
+    for name in ("eval", "sft"):
+        lines = (run / "slurm" / f"{name}.sbatch").read_text().splitlines()
+        assert "#SBATCH --cpus-per-task=1" in lines and not any("--gpus-per-node" in line for line in lines)
+    assert "--device cpu" in (run / "slurm" / "eval.sbatch").read_text()
+
+    ended = slurm_cluster.wait_end(*jobs.values(), timeout=240)
+    assert set(ended.values()) == {"COMPLETED"}, (ended, train_log(run), slurm_cluster.logs())
+    table = (run / "eval" / "progression.md").read_text(encoding="utf-8")
+    assert "| step-10 |" in table and "| step-20 |" in table, table
+    assert (run / "sft" / "export" / "config.json").is_file()
+    assert json.loads((run / "sft" / "summary.json").read_text())["init"] == str(run)
+    finished = {r["JobID"]: r for r in slurm_cluster.completed()}
+    assert all(finished[job_id]["State"] == "COMPLETED" for job_id in jobs.values()), finished
