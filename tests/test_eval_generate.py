@@ -217,3 +217,22 @@ def test_ifeval_like_task_run_matches_hflm(export, tmp_path):
     a = sorted(ours_raw["samples"][name], key=lambda s: s["doc_id"])
     b = sorted(ref_raw["samples"][name], key=lambda s: s["doc_id"])
     assert [s["resps"] for s in a] == [s["resps"] for s in b]
+
+
+def test_argmax_rows_is_argmax():
+    """The blocked CPU argmax picks torch's argmax ids: first of equal maxima, across and within
+    blocks, in a last block narrower than the rest, rows all -inf."""
+    import torch
+
+    from zagreus.model.generate import argmax_rows
+
+    gen = torch.Generator().manual_seed(0)
+    for vocab, block in ((128256, 1024), (10000, 1000), (9000, 1024), (300, 1024)):
+        x = torch.randn(9, vocab, generator=gen)
+        top = x.max() + 1
+        x[1, [5, 3000 % vocab, vocab - 1]] = top  # a tie across blocks: the first wins
+        x[2, [1023 % vocab, 1024 % vocab]] = top  # on a block edge
+        x[3, vocab - 1] = top  # in the last, narrow block
+        x[4] = float("-inf")
+        x[5, :] = 0.5  # every entry equal
+        assert torch.equal(argmax_rows(x, block), x.argmax(-1)), (vocab, block)

@@ -26,7 +26,7 @@ from zagreus.devices import pick_device
 from zagreus.errors import UserError
 from zagreus.eval.scorer import score_pairs
 from zagreus.eval.tiebreak import TiebreakReport, decide_close_calls
-from zagreus.model.generate import Decoder, Sampler, SamplingParams, token_budget
+from zagreus.model.generate import Decoder, Sampler, SamplingParams, argmax_rows, token_budget
 from zagreus.recipe import EVAL_BATCH_SIZE
 from zagreus.tokenizer import BOS
 
@@ -190,7 +190,7 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams, unti
     stop string has bytes (plus two): a stop string completed by the newest token lies within
     it, since every token adds at least one byte; so each step decodes a few tokens, not the
     whole reply. A hit is confirmed on the whole text before the row stops. Greedy rows are
-    picked with one argmax over the batch's logits.
+    picked with one argmax over the batch's logits (`argmax_rows`).
     """
     decoder = Decoder(model)
     samplers = [Sampler(p, params, token_budget(model, p, params), decoder.device) for p in prompts]
@@ -205,7 +205,7 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams, unti
         return any(s in decode(ids[-tail:]) for s in until) and any(s in decode(ids) for s in until)
 
     while True:
-        picks = logits.argmax(-1).tolist() if greedy else None
+        picks = argmax_rows(logits).tolist() if greedy else None
         live, feed = [], []
         for k, i in enumerate(rows):
             token = samplers[i].take(picks[k]) if greedy else samplers[i].pick(logits[k])

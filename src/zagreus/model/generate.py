@@ -57,6 +57,27 @@ def pick_token(logits: torch.Tensor, seen: list[int], p: SamplingParams, gen: to
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def argmax_rows(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """logits.argmax(-1) of [rows, vocab] logits: the same ids (the first of equal maxima), faster on CPU.
+
+    torch's CPU argmax is not vectorised (2.2 ms for 16 rows of a 128k vocabulary, one thread) and
+    its amax is (0.2 ms). So: the maxima of blocks of `block` entries, the first block holding the
+    row's maximum (argmax over the block maxima), and the argmax within that block (0.4 ms in all).
+    """
+    rows, vocab = logits.shape
+    if logits.device.type != "cpu" or vocab < 8 * block:
+        return logits.argmax(-1)
+    whole = vocab // block * block
+    maxima = logits[:, :whole].view(rows, -1, block).amax(-1)
+    if whole < vocab:
+        maxima = torch.cat([maxima, logits[:, whole:].amax(-1, keepdim=True)], 1)
+    start = maxima.argmax(-1) * block
+    cols = start[:, None] + torch.arange(block)
+    inside = cols < vocab
+    within = logits.gather(1, cols.clamp(max=vocab - 1)).masked_fill(~inside, float("-inf"))
+    return start + within.argmax(-1)
+
+
 def token_budget(model: Transformer, prompt: Sequence[int], params: SamplingParams) -> int:
     """How many tokens a reply to `prompt` may have: max_new_tokens, clipped to the context left."""
     return min(params.max_new_tokens, model.cfg.max_seq_len - len(prompt))
