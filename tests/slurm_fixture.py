@@ -54,6 +54,14 @@ class Cluster:
             fields[key] = value
         return fields
 
+    def array_tasks(self, job_id: str) -> dict[str, str]:
+        """An array job's tasks: task index -> the task's own job id (what sacct lists)."""
+        tasks = {}
+        for line in self.run("scontrol", "show", "job", "-o", job_id).splitlines():
+            fields = dict(item.partition("=")[::2] for item in line.split())
+            tasks[fields["ArrayTaskId"]] = fields["JobId"]
+        return tasks
+
     def state(self, job_id: str) -> str:
         return self.job(job_id)["JobState"]
 

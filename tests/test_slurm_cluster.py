@@ -141,3 +141,46 @@ def test_training_then_eval_and_sft_jobs(slurm_cluster, data_dir, tmp_path):
     assert json.loads((run / "sft" / "summary.json").read_text())["init"] == str(run)
     finished = {r["JobID"]: r for r in slurm_cluster.completed()}
     assert all(finished[job_id]["State"] == "COMPLETED" for job_id in jobs.values()), finished
+
+
+def test_data_tokenize_on_slurm_equals_local(slurm_cluster, handbook_path, tmp_path):
+    """datatrove's units array (2 tasks) and its finalize job afterok it; the shards equal the local executor's."""
+    from test_data_pipeline import LLAMA3, handbook_docs, output_bytes, write_jsonl
+
+    from zagreus.data.stage import tokenize_data
+    from zagreus.recipe import DataSection
+
+    corpus = write_jsonl(tmp_path / "hb.jsonl", handbook_docs(handbook_path, 10))
+    data = {"sources": [{"name": "hb", "path": str(corpus)}], "unit_bytes": 32 << 10, "shard_tokens": 10_000,
+            "validation_fraction": 0.2}
+    run = tmp_path / "data-run"
+    path = tmp_path / "data.yaml"
+    path.write_text(yaml.safe_dump({"name": "data-run", "run_dir": str(run), "tokenizer": {"kind": "llama3"}, "data": {
+        **data, "executor": {"kind": "slurm", "partition": "debug", "tasks": 2, "workers": 2, "mem_per_cpu_gb": 0.5,
+                             "time": "0:10:00"}}}))
+    out = zagreus("data", "tokenize", str(path), "--no-wait", cwd=tmp_path).stdout
+    jobs = submitted(out)
+    assert set(jobs) == {"zagreus-data-units", "zagreus-data-finalize"}, out
+    units, final = jobs["zagreus-data-units"], jobs["zagreus-data-finalize"]
+    assert f"afterok:{units}" in slurm_cluster.job(final)["Dependency"]  # still waiting on the array
+    assert slurm_cluster.job(units)["ArrayTaskId"].startswith(("0-1", "0,1", "0", "1"))
+    assert not (run / "data" / "manifest.json").exists()
+
+    local = tmp_path / "local"
+    tokenize_data(DataSection(**data, executor={"kind": "local", "workers": 1}), local, LLAMA3, show_progress=False)
+    states = slurm_cluster.wait_end(f"{units}_0", f"{units}_1", final, timeout=180)
+    assert set(states.values()) == {"COMPLETED"}, (states, slurm_cluster.logs())
+    got = output_bytes(run / "data")
+    assert len([k for k in got if k.endswith(".ds")]) >= 2
+    assert got == output_bytes(local)
+    finished = {r["JobID"]: r["State"] for r in slurm_cluster.completed()}
+    tasks = slurm_cluster.array_tasks(units)
+    assert sorted(tasks) == ["0", "1"], tasks
+    assert [finished[tasks["0"]], finished[tasks["1"]], finished[final]] == ["COMPLETED"] * 3, finished
+
+    # Without --no-wait the command waits for the jobs, then reports the manifest.
+    waited = tmp_path / "data-waited"
+    path.write_text(path.read_text().replace(str(run), str(waited)))
+    out = zagreus("data", "tokenize", str(path), cwd=tmp_path)
+    assert f"wrote {waited / 'data'}" in out.stdout and "submitted job" in out.stderr, out.stdout + out.stderr
+    assert output_bytes(waited / "data") == output_bytes(local)

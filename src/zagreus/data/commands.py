@@ -23,6 +23,8 @@ def tokenize(recipe: Optional[Path] = typer.Argument(None, help="YAML recipe wit
              on_error: str = typer.Option("fail", "--on-error",
                                           help="quick form: a damaged input file stops the run (fail) or is left out (skip)"),
              dry_run: bool = typer.Option(False, "--dry-run", help="print the Slurm jobs instead of submitting them"),
+             wait: bool = typer.Option(True, "--wait/--no-wait", help="Slurm: wait for the jobs to end (default), or "
+                                                                      "print their ids and return"),
              progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")) -> None:
     """Filter, deduplicate, mix and tokenize into datatrove shards (+ manifest.json)."""
     from zagreus.data import stage
@@ -35,7 +37,7 @@ def tokenize(recipe: Optional[Path] = typer.Argument(None, help="YAML recipe wit
         from zagreus.rundir import RunDir
 
         loaded = load_recipe(recipe)
-        result = stage.tokenize_recipe(loaded, dry_run=dry_run, show_progress=progress)
+        result = stage.tokenize_recipe(loaded, dry_run=dry_run, show_progress=progress, wait=wait)
         out_dir = RunDir(loaded.run_path()).data
     else:
         if not input or out is None:
@@ -48,7 +50,7 @@ def tokenize(recipe: Optional[Path] = typer.Argument(None, help="YAML recipe wit
 
         section = TokenizerSection(kind="llama3") if tokenizer == "llama3" else TokenizerSection(path=tokenizer)
         data = stage.quick_data_section(input, workers, dedup=dedup, text_field=text_field, on_error=on_error)
-        result = stage.tokenize_data(data, out, section, dry_run=dry_run, show_progress=progress)
+        result = stage.tokenize_data(data, out, section, dry_run=dry_run, show_progress=progress, wait=wait)
         out_dir = out
     if isinstance(result, list):
         for script in result:

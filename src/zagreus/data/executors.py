@@ -13,7 +13,9 @@ module: a script driving it needs an `if __name__ == "__main__":` guard (the CLI
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -21,6 +23,7 @@ from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 
 from zagreus.data.pipeline import Plan, UnitProcessor, available_cores, finalize
+from zagreus.errors import UserError
 from zagreus.recipe import ExecutorSection
 
 
@@ -101,3 +104,34 @@ def launch_slurm(plan: Plan, cfg: ExecutorSection, logging_dir: Path, dry_run: b
     with mock.patch("datatrove.executor.slurm.launch_slurm_job", fake_sbatch):
         final.run()
     return scripts
+
+
+def submit_slurm(plan: Plan, cfg: ExecutorSection, logging_dir: Path) -> dict[str, str]:
+    """Submit the two job arrays (finalize afterok units); returns job name -> id, leaving out a job
+    whose tasks were all complete already (datatrove then submits nothing)."""
+    units, final = slurm_executors(plan, cfg, logging_dir)
+    final.run()
+    return {ex.job_name: str(ex.job_id) for ex in (units, final) if ex.job_id not in (None, -1)}
+
+
+_ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
+           "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
+
+
+def wait_slurm(job_ids: list[str], poll: float = 2.0) -> None:
+    """Return when no task of the jobs is pending or running (squeue); a job that can never start (a job
+    it depends on failed) is cancelled and reported."""
+    while job_ids:
+        done = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%r"],
+                              capture_output=True, text=True)
+        if done.returncode != 0 and "Invalid job id" not in done.stderr:
+            raise UserError(f"squeue -j {','.join(job_ids)} failed: {done.stderr.strip()}")
+        rows = [line.split("|") for line in done.stdout.splitlines() if line.count("|") == 2]
+        stuck = sorted({job for job, state, reason in rows if state == "PENDING" and "DependencyNeverSatisfied" in reason})
+        if stuck:
+            subprocess.run(["scancel", *stuck], capture_output=True)
+            raise UserError(f"Slurm job(s) {', '.join(stuck)} can never start: a job they depend on failed "
+                            "(cancelled them; see the logs folder)")
+        if not any(state in _ACTIVE for _, state, _ in rows):
+            return
+        time.sleep(poll)

@@ -52,8 +52,9 @@ def _tokenizer(section: TokenizerSection, tokenizer_dir: Path | None, data: Data
 
 def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection, *,
                   tokenizer_dir: Path | None = None, resolve: Callable[[str], Path] = Path,
-                  dry_run: bool = False, show_progress: bool = True) -> dict | list[str]:
-    """Run the stage; returns the manifest, or with `dry_run` on Slurm the sbatch scripts."""
+                  dry_run: bool = False, show_progress: bool = True, wait: bool = True) -> dict | list[str]:
+    """Run the stage; returns the manifest, or on Slurm with `dry_run` the sbatch scripts, without `wait`
+    the lines naming the jobs submitted."""
     data_dir = Path(data_dir)
     if data.filters.languages:
         try:
@@ -78,12 +79,25 @@ def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection
     logging_dir = (Path(resolve(cfg.logging_dir)) if cfg.logging_dir else data_dir / "logs") / plan.hash
     log.info("plan %s: %d work units from %d source(s), tokenizer %s", plan.hash, len(units), len(data.sources), tok.name)
     if cfg.kind == "slurm":
-        from zagreus.data.executors import launch_slurm  # imports datatrove: only for the executors that need it
+        # imports datatrove: only for the executors that need it
+        from zagreus.data.executors import launch_slurm, submit_slurm, wait_slurm
 
         try:
-            return launch_slurm(plan, cfg, logging_dir, dry_run)
+            if dry_run:
+                return launch_slurm(plan, cfg, logging_dir, dry_run)
+            jobs = submit_slurm(plan, cfg, logging_dir)
         except ValueError as exc:
             raise UserError(str(exc)) from None
+        submitted = [f"submitted job {job_id} ({name})" for name, job_id in jobs.items()]
+        if not wait:
+            return submitted
+        for line in submitted:
+            log.info("%s; waiting for it", line)
+        wait_slurm(list(jobs.values()))
+        if not manifest_path.is_file():
+            raise UserError(f"Slurm job(s) {', '.join(jobs.values())} ended without writing {manifest_path}; "
+                            f"their logs are in {logging_dir}")
+        return json.loads(manifest_path.read_text())
     if dry_run:
         raise UserError("--dry-run shows the Slurm job; set data.executor.kind: slurm in the recipe")
     if cfg.kind == "datatrove":
@@ -98,12 +112,14 @@ def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection
     return manifest
 
 
-def tokenize_recipe(recipe: Recipe, dry_run: bool = False, show_progress: bool = True) -> dict | list[str]:
+def tokenize_recipe(recipe: Recipe, dry_run: bool = False, show_progress: bool = True,
+                    wait: bool = True) -> dict | list[str]:
     if recipe.data is None:
         raise UserError(f"{recipe.source_path}: the recipe has no 'data:' section to tokenize")
     run = RunDir(recipe.run_path())
     return tokenize_data(recipe.data, run.data, recipe.tokenizer, tokenizer_dir=run.tokenizer,
-                         resolve=lambda p: recipe.resolve_path(p), dry_run=dry_run, show_progress=show_progress)
+                         resolve=lambda p: recipe.resolve_path(p), dry_run=dry_run, show_progress=show_progress,
+                         wait=wait)
 
 
 def quick_data_section(inputs: list[str], workers: int, dedup: str = "none", validation_fraction: float = 0.0,
