@@ -166,3 +166,51 @@ def test_eval_job_beside_training(tmp_path: Path, monkeypatch) -> None:
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert (log / "scontrol.log").read_text().split() == ["requeue", "778"]
+
+
+def test_cpu_job_and_post_training_scripts(tmp_path: Path, monkeypatch) -> None:
+    """--gpus-per-node 0: no GPU line, torchrun --nproc-per-node N, one CPU per process; eval on one CPU with
+    --device cpu; sft and dpo jobs run one process, chained afterok on --submit."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE % 1 + "eval: {tasks: [zagreus_arc_it]}\n"
+                      "sft: {seq_len: 256, datasets: [{path: chat.jsonl}]}\n"
+                      "dpo: {seq_len: 256, datasets: [{path: prefs.jsonl}]}\n")
+    for name in ("chat.jsonl", "prefs.jsonl"):
+        (tmp_path / name).write_text("")
+    with pytest.raises(UserError, match="--nproc-per-node"):
+        SlurmJob(nodes=1, gpus_per_node=0)
+    bin_dir = _fake_bin(tmp_path)
+    (bin_dir / "sbatch").write_text('#!/bin/bash\necho "$@" >> "$(dirname "$0")/sbatch.args"\n'
+                                    'n=$(wc -l < "$(dirname "$0")/sbatch.args"); echo "$((776 + n))"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    result = CliRunner().invoke(app, ["slurm", str(recipe), "--nodes", "2", "--gpus-per-node", "0",
+                                      "--nproc-per-node", "4", "--setup", "true", "--submit"])
+    assert result.exit_code == 0, result.output
+    slurm_dir = tmp_path / "runs" / "slurm-test" / "slurm"
+    pretrain = (slurm_dir / "pretrain.sbatch").read_text()
+    assert "--gpus-per-node" not in pretrain and "  --nproc-per-node=4 \\" in pretrain.splitlines()
+    assert "#SBATCH --cpus-per-task=4" in pretrain.splitlines() and "(gloo)" in pretrain
+    evaluation = (slurm_dir / "eval.sbatch").read_text()
+    assert "--gpus-per-node" not in evaluation and "#SBATCH --cpus-per-task=1" in evaluation.splitlines()
+    assert "--watch --device cpu" in evaluation
+    for stage in ("sft", "dpo"):
+        lines = (slurm_dir / f"{stage}.sbatch").read_text().splitlines()
+        for line in (f"#SBATCH --job-name=slurm-test-{stage}", "#SBATCH --nodes=1", "#SBATCH --cpus-per-task=1",
+                     "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "trap requeue USR1",
+                     f"zagreus {stage} {recipe.resolve()} &"):
+            assert line in lines, (stage, line)
+        assert subprocess.run(["bash", "-n", str(slurm_dir / f"{stage}.sbatch")]).returncode == 0
+    assert (bin_dir / "sbatch.args").read_text().splitlines() == [
+        f"--parsable {slurm_dir / 'pretrain.sbatch'}", f"--parsable --dependency=after:777 {slurm_dir / 'eval.sbatch'}",
+        f"--parsable --dependency=afterok:777 {slurm_dir / 'sft.sbatch'}",
+        f"--parsable --dependency=afterok:779 {slurm_dir / 'dpo.sbatch'}"]
+    assert "submitted job 779 (sft, afterok 777)" in result.output and "submitted job 780 (dpo, afterok 779)" in result.output
+
+    # On GPUs the post-training jobs take one GPU; --stage picks the jobs (dpo alone: no dependency).
+    scripts = write_sbatch(recipe, SlurmJob(nodes=1, gpus_per_node=8), stages=["dpo"])
+    assert scripts.pretrain is None and scripts.eval is None and scripts.sft is None
+    assert "#SBATCH --gpus-per-node=1" in scripts.dpo.read_text().splitlines()
+    with pytest.raises(UserError, match="no 'sft:' section"):
+        write_sbatch(_recipe(tmp_path), SlurmJob(nodes=1, gpus_per_node=8), stages=["sft"])
