@@ -3,7 +3,8 @@
 Two datatrove pipeline steps wrap our phases: `TokenizeUnits` (task `rank` of `world` processes
 the work units rank, rank + world, ... — round-robin over the fixed plan, so the output does not
 depend on the number of tasks) and `FinalizeShards` (one task: dedup, budget, shards, manifest).
-On Slurm they become two job arrays, the second depending on the first. `--dry-run` goes through
+On Slurm they become two job arrays, the second depending on the first; `zagreus data tokenize` waits
+for them (squeue) or, with `--no-wait`, prints their job ids and returns. `--dry-run` goes through
 datatrove's real launch path with `sbatch` replaced by printing, so what is shown is exactly what
 would be submitted.
 
