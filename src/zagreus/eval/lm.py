@@ -66,6 +66,7 @@ class ZagreusLM(TemplateLM):
         self.tiebreak = str(tiebreak).lower() not in ("false", "0", "no") and not _sharded(model)
         self.tiebreak_report = TiebreakReport()
         self._items = None  # (task, doc id) per request of the loglikelihood call in flight
+        self._encoded: dict[str, list[int]] = {}  # the loglikelihood call in flight's strings, encoded at once
         # As the export's generation_config: end of text, and end of turn for chat models.
         self.stop_ids = tuple(i for i in (tokenizer.eos_id, tokenizer.special_tokens.get("<|im_end|>")) if i is not None)
 
@@ -96,7 +97,11 @@ class ZagreusLM(TemplateLM):
                    **kwargs) -> list[int]:
         # HFLM: default adds special tokens (our post-processor's BOS) unless the text starts with BOS.
         add_bos = add_special_tokens if add_special_tokens is not None else not string.startswith(BOS)
-        ids = self.zt.encode(string, bos=add_bos, allow_special=True)
+        body = self._encoded.get(string)
+        if body is None:
+            ids = self.zt.encode(string, bos=add_bos, allow_special=True)
+        else:
+            ids = [self.zt.bos_id] + body if add_bos else list(body)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
     def tok_decode(self, tokens: list[int]) -> str:
@@ -105,10 +110,25 @@ class ZagreusLM(TemplateLM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         # Which requests are one document's choices is known only here, on lm-eval's Instances.
         self._items = [(req.task_name, req.doc_id) for req in requests]
+        self._encoded = self._encode_pairs_at_once(requests)
         try:
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         finally:
-            self._items = None
+            self._items, self._encoded = None, {}
+
+    def _encode_pairs_at_once(self, requests) -> dict[str, list[int]]:
+        """The strings TemplateLM._encode_pair will hand tok_encode (each context once per choice, one
+        call each), encoded in one multi-threaded batch; tok_encode encodes any other string itself.
+        The trailing-space shift is _encode_pair's own."""
+        texts = set()
+        for req in requests:
+            context, continuation = req.args
+            n_spaces = len(context) - len(context.rstrip())
+            if n_spaces:
+                context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+            texts.update((context, context + continuation))
+        ordered = sorted(texts)
+        return dict(zip(ordered, self.zt.encode_batch(ordered, allow_special=True)))
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         pairs = [(ctx, cont) for _, ctx, cont in requests]
