@@ -60,6 +60,9 @@ def evaluate(
     if not task_list:
         raise UserError("no tasks: pass --tasks T1,T2 (e.g. zagreus_arc_it) or set eval.tasks in the run's recipe")
     fewshot = num_fewshot if num_fewshot is not None else defaults.get("num_fewshot")
+    from zagreus.eval.suites import expand  # suite names (report-ita, ...) -> tasks, their few-shot counts
+
+    task_list, fewshot = expand(task_list, fewshot)
     lim = limit if limit is not None else defaults.get("limit")
     if lim is not None and lim >= 1:
         lim = int(lim)

@@ -17,7 +17,9 @@ from typing import Any
 
 from zagreus import __version__
 from zagreus.errors import UserError
-from zagreus.eval.registry import check_task_names, local_task_names, offline_alternative, report_metric, task_manager, task_specs
+from zagreus.eval.registry import (check_task_names, hub_dataset, local_files, local_task_names, offline_alternative, reads_hub,
+                                   report_metric, task_manager, task_specs)
+from zagreus.eval.suites import expand, suite_names
 from zagreus.recipe import EVAL_BATCH_SIZE
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ def task_entry(task: str, metrics: dict[str, Any], n_samples: int | None, num_fe
 
 def _quiet_offline(local_only: bool) -> None:
     # Local task files need no hub look-ups; skipping them avoids timeouts on machines offline.
+    # (Shipped tasks that fall back to the hub, for want of their files in --data-dir, need them.)
     if local_only:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,10 +48,13 @@ def run_tasks(lm, tasks: list[str], num_fewshot: int | dict[str, int] | None = N
               data_dir: str | Path | None = None, log_samples: bool = False) -> tuple[dict, dict]:
     """(per-task summary, raw lm-eval output) for an lm-eval LM on the named tasks.
 
-    num_fewshot: one number for every task, or a per-task mapping (tasks not named use their default).
+    tasks: task names or suite names (suites.SUITES: report-ita, pt-leaderboard, ...), mixed freely.
+    num_fewshot: one number for every task, or a per-task mapping (tasks not named use their
+    suite's count, else their default).
     """
-    offline_only = all(t in local_task_names() for t in tasks)
-    _quiet_offline(offline_only)
+    tasks, num_fewshot = expand(tasks, num_fewshot)
+    offline_only = all(t in local_task_names() for t in tasks)  # then lm-eval's own task index is not needed
+    _quiet_offline(not reads_hub(tasks, data_dir))
     specs = task_specs(tasks, data_dir)
     from lm_eval import simple_evaluate  # after the offline switches above: datasets reads them on import
 
@@ -86,7 +92,11 @@ def _offline_hint(group: list, exc: Exception) -> str:
     hub = [t for t in group if isinstance(t, str)]
     swaps = [f"{t} -> {alt}" for t in hub if (alt := offline_alternative(t))]
     hint = f"; offline, use the shipped tasks with --data-dir ({', '.join(swaps)})" if swaps else ""
-    return f"tasks {', '.join(hub)}: the dataset could not be fetched from the Hugging Face hub ({exc}){hint}"
+    # Shipped tasks on the hub: their configs name the hub dataset; the same files in --data-dir replace it.
+    shipped = [t["task"] for t in group if isinstance(t, dict) and t.get("dataset_path") != "json"]
+    files = [f"{t}: {', '.join(local_files(t))} ({hub_dataset(t)})" for t in shipped]
+    hint += f"; offline, put the hub splits in --data-dir as {'; '.join(files)}" if files else ""
+    return f"tasks {', '.join(hub + shipped)}: the dataset could not be fetched from the Hugging Face hub ({exc}){hint}"
 
 
 def evaluate(model: str | Path, tasks: list[str], num_fewshot: int | dict[str, int] | None = None,
@@ -100,7 +110,8 @@ def evaluate(model: str | Path, tasks: list[str], num_fewshot: int | dict[str, i
 
     if not tasks:
         raise UserError("no tasks given; pass --tasks T1,T2 (e.g. zagreus_arc_it) or set eval.tasks in the recipe")
-    check_task_names(tasks)
+    tasks, num_fewshot = expand(tasks, num_fewshot)  # suite names -> tasks and their few-shot counts
+    check_task_names(tasks, suites=suite_names())
     start = time.perf_counter()
     backend = backend_of(model)
     if backend == "zagreus":
