@@ -175,8 +175,13 @@ def report(vocab: str, r: dict) -> dict:
     print(f"  speed-up vs hf: {hf['wall'] / ours['wall']:.2f}x from process start, "
           f"{hf['seconds'] / ours['seconds']:.2f}x from model load, "
           f"{hf['generate_seconds'] / ours['generate_seconds']:.2f}x generation alone")
-    print(f"  replies identical to hf: {same} / {n}")
-    return {"vocab": vocab, "vocab_size": r["vocab_size"], "prompts": n, "identical": same,
+    # Where a reply differs: the prompt and the first character that differs (a near-tie of two
+    # logits late in a long reply flips with the batch's padding, in either implementation).
+    differ = [(i, next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+              for i, (a, b) in enumerate(zip(ours["replies"], hf["replies"])) if a != b]
+    print(f"  replies identical to hf: {same} / {n}"
+          + (f"; differing (prompt, first differing character): {differ}" if differ else ""))
+    return {"vocab": vocab, "vocab_size": r["vocab_size"], "prompts": n, "identical": same, "differ": differ,
             **{side: {k: r[side][k] for k in ("wall", "seconds", "generate_seconds", "reply_tokens", "peak_rss_gb")} for side in ("ours", "hf")}}
 
 
