@@ -151,13 +151,18 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # On the meta device, no init: Embedding's N(0, 1) and RoPE's arithmetic compute nothing there, yet
+        # their first call imports torch's meta kernels (1.2 s) that building and loading never need.
+        on_meta = torch.get_default_device().type == "meta"
+        empty = torch.empty(cfg.vocab_size, cfg.hidden_size) if on_meta else None
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=empty)
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head: nn.Linear | None = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        inv_freq = torch.empty(cfg.head_dim // 2) if on_meta else rope_frequencies(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
