@@ -167,9 +167,13 @@ class Decoder:
             causal = torch.ones(width, width, dtype=torch.bool).tril()
             mask = (causal[None] & real[:, None] | torch.eye(width, dtype=torch.bool))[:, None].to(self.device)
         # Only the last position goes through the output matrix: [n, width, vocab] logits would
-        # cost a 128k-vocabulary model more than the prompt's whole forward.
-        hidden = self.model(tokens, positions=positions, mask=mask, cache=cache, return_hidden=True)[:, -1]
-        logits = self.model.lm_head(hidden) if self.model.lm_head is not None else hidden
+        # cost a 128k-vocabulary model more than the prompt's whole forward. (Models that only
+        # share the calling convention, e.g. serve.llama_cpp's, return their last logits anyway.)
+        if isinstance(self.model, Transformer) and self.model.lm_head is not None:
+            hidden = self.model(tokens, positions=positions, mask=mask, cache=cache, return_hidden=True)[:, -1]
+            logits = self.model.lm_head(hidden)
+        else:
+            logits = self.model(tokens, positions=positions, mask=mask, cache=cache)[:, -1]
         self.rows += [_Row(cache, i, len(p), budget) for i, (p, budget) in enumerate(zip(prompts, budgets))]
         return logits
 
