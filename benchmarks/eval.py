@@ -137,6 +137,28 @@ def report(seed: int, r: dict) -> bool:
     return same
 
 
+# Every side runs offline, one tokenizer thread (the benchmarks pin torch's threads themselves).
+SIDE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def parse_shared_arguments(parser: argparse.ArgumentParser, sides: list[str]) -> argparse.Namespace:
+    """Add the options both evaluation benchmarks take (model shape, device, output, and the hidden
+    ones a side's subprocess gets), parse, and set up logging and torch's threads."""
+    parser.add_argument("--preset", help="a model preset's shape and init instead of the 2-layer d=64 model")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, both sides")
+    parser.add_argument("--json-out", type=Path, help="also write the figures here")
+    parser.add_argument("--side", choices=sides, help=argparse.SUPPRESS)
+    parser.add_argument("--export", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/bench")
@@ -146,24 +168,13 @@ def main() -> None:
     parser.add_argument("--init-std", type=float, default=0.2, help="a wide init keeps choices' scores apart")
     parser.add_argument("--vocab", choices=["llama3", "small"], default="llama3")
     parser.add_argument("--seeds", default="0", help="comma-separated model seeds, one export each")
-    parser.add_argument("--preset", help="a model preset's shape and init instead of the 2-layer d=64 model")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda, both sides")
-    parser.add_argument("--json-out", type=Path, help="also write each seed's figures here")
-    parser.add_argument("--side", choices=["ours", "fast", "hf"], help=argparse.SUPPRESS)
-    parser.add_argument("--export", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    args = parse_shared_arguments(parser, sides=["ours", "fast", "hf"])
     if args.side:
         run_side(args.side, args.export, args.data_dir, args.limit, args.batch_size, args.out, args.device)
         return
     if not (args.data_dir / "m_arc_it_test.json").is_file():
         sys.exit(f"{args.data_dir}/m_arc_it_test.json not found; pass --data-dir (see ../shared/data/README.md)")
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **SIDE_ENV}
     print(f"task {TASK}, vocab {args.vocab}, model {args.preset or '2-layer d=64'}, device {args.device}, "
           f"batch {args.batch_size}, threads {args.threads or 'default'}")
     identical, figures = [], []

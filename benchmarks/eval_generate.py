@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import resource
 import subprocess
@@ -35,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval import make_export  # noqa: E402  (benchmarks/eval.py: the same exports)
+from eval import SIDE_ENV, make_export, parse_shared_arguments  # noqa: E402  (benchmarks/eval.py: the same exports)
 
 HANDBOOK = Path(__file__).resolve().parents[2] / "shared/data/handbook-5lang.jsonl"
 
@@ -194,22 +193,11 @@ def main() -> None:
     parser.add_argument("--init-std", type=float, default=0.2, help="a wide init keeps argmax margins clear")
     parser.add_argument("--vocab", default="llama3,small", help="comma-separated: llama3 (128,256), small (4,096 BPE)")
     parser.add_argument("--seed", type=int, default=0, help="model seed")
-    parser.add_argument("--preset", help="a model preset's shape and init instead of the 2-layer d=64 model")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda, both sides")
-    parser.add_argument("--json-out", type=Path, help="also write the figures here")
-    parser.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)
-    parser.add_argument("--export", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    args = parse_shared_arguments(parser, sides=["ours", "hf"])
     if args.side:
         run_side(args.side, args.export, args.limit, args.max_gen_toks, args.batch_size, args.out, args.device)
         return
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **SIDE_ENV}
     print(f"ifeval-style generate_until: {args.limit} prompts, greedy, until [], max_gen_toks {args.max_gen_toks}, "
           f"model {args.preset or '2-layer d=64'}, device {args.device}, batch {args.batch_size}, "
           f"threads {args.threads or 'default'}")
