@@ -305,7 +305,13 @@ class DPOSection(Strict):
     init: str | None = Field(None, description="SFT checkpoint or export folder; default the run's SFT result")
     datasets: list[ChatDataset] = Field(default_factory=list)
     template: Literal["chatml", "llama3"] = "chatml"
-    beta: float = Field(0.1, gt=0)
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid: DPO's -log sigmoid(beta h) on summed log-ratios; ipo: IPO's (h - 1/(2 beta))^2 "
+                               "on per-token averaged log-ratios, as TRL computes it")
+    beta: float = Field(0.1, gt=0, description="sigmoid: the strength of the pull towards the reference; ipo: the "
+                                               "regularisation tau (the target margin is 1/(2 beta))")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid only: the assumed share of flipped "
+                                                                  "preference labels (conservative DPO)")
     seq_len: SeqLen = 2048
     micro_batch: int = Field(4, ge=1, description="preference pairs per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
@@ -317,6 +323,12 @@ class DPOSection(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint: CheckpointSection = CheckpointSection(every=500, keep=2)
     max_bad_steps: int = Field(5, ge=1, description="non-finite steps in a row that stop the run")
+
+    @model_validator(mode="after")
+    def _smoothing_is_sigmoids(self) -> "DPOSection":
+        if self.loss != "sigmoid" and self.label_smoothing:
+            raise ValueError(f"label_smoothing applies to loss: sigmoid only; remove it or set it to 0 for loss: {self.loss}")
+        return self
 
 
 # --- the recipe -----------------------------------------------------------------------------

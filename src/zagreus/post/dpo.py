@@ -1,17 +1,22 @@
-"""Direct Preference Optimization (Rafailov et al. 2023) with the sigmoid loss.
+"""Preference optimization on pairs: DPO's sigmoid loss (Rafailov et al. 2023) or IPO (Azar et al. 2023).
 
-loss = -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))))
+With h = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)), `dpo.loss` picks
+
+    sigmoid: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (eps = dpo.label_smoothing, cDPO)
+    ipo:     (h - 1 / (2 beta))^2, each log-probability averaged over the completion's tokens
 
 where log pi(y) is the summed log-probability of the completion's assistant tokens (end-of-turn
-included) given the prompt. The reference model is the starting model itself: its sequence
-log-probabilities are computed once, before the first update, and kept as two floats per pair,
-so no frozen copy of the model lives in memory during training.
+included) given the prompt, and IPO divides each side's log-ratio by its token count, as TRL's
+DPOTrainer does (its "sigmoid" loss and label smoothing as before its DPO refactor of v0.29, its
+"ipo" loss as today). The reference model is the starting model itself: its summed sequence
+log-probabilities are computed once, before the first update, and kept as two floats per pair
+(the token counts follow from the pairs), so no frozen copy of the model lives in memory.
 
-Logged per step: loss, rewards (chosen, rejected: beta x log-ratio), margins and accuracy
-(share of pairs whose chosen reward beats the rejected one). Training runs on the trainer
-skeleton like SFT (checkpoints, exact resume, SIGTERM); the reference log-probabilities are
-saved once in runs/<name>/dpo/reference_logprobs.pt, so a resumed run uses the starting model's,
-not the half-trained one's. Output: runs/<name>/dpo/export/, metrics.jsonl, summary.json.
+Logged per step: loss, rewards (chosen, rejected: beta x summed log-ratio, as TRL logs them),
+margins and accuracy (share of pairs whose chosen reward beats the rejected one). Training runs on
+the trainer skeleton like SFT (checkpoints, exact resume, SIGTERM); the reference log-probabilities
+are saved once in runs/<name>/dpo/reference_logprobs.pt, so a resumed run uses the starting
+model's, not the half-trained one's. Output: runs/<name>/dpo/export/, metrics.jsonl, summary.json.
 """
 
 from __future__ import annotations
@@ -78,13 +83,29 @@ def sequence_logprobs(model, tokens: torch.Tensor, labels: torch.Tensor, chunk_t
     return lp.float().sum(-1)
 
 
+def completion_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Trained targets of each row ([B]): the token counts IPO averages the log-probabilities over."""
+    return (labels != IGNORE).sum(-1)
+
+
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair sigmoid DPO loss and the implicit rewards of chosen and rejected."""
-    chosen_reward = beta * (policy_chosen - ref_chosen)
-    rejected_reward = beta * (policy_rejected - ref_rejected)
-    loss = -F.logsigmoid(chosen_reward - rejected_reward)
-    return loss, chosen_reward.detach(), rejected_reward.detach()
+             ref_rejected: torch.Tensor, beta: float, loss: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None,
+             rejected_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair loss (`loss`: sigmoid or ipo, see the module docstring) from summed log-probabilities,
+    and the implicit rewards of chosen and rejected. IPO needs each completion's token count."""
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    if loss == "sigmoid":
+        h = beta * (chosen_ratio - rejected_ratio)
+        losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    elif loss == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the ipo loss needs the completions' token counts")
+        h = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss!r}; choose sigmoid or ipo")
+    return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
 
 
 def pair_batch(pairs: list[Pair], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,9 +173,10 @@ class DPOTask(EpochTask):
             tokens, labels = pair_batch([self.items[i] for i in mb], self.pad, self.device)
             with autocast(self.device):
                 lp = sequence_logprobs(self.model, tokens, labels, self.chunk)
-            n = len(mb)
+            n, counts = len(mb), completion_tokens(labels).to(lp.dtype)
             r = self.ref[mb].to(device=self.device, dtype=lp.dtype)
-            loss, cr, rr = dpo_loss(lp[:n], lp[n:], r[:, 0], r[:, 1], self.sec.beta)
+            loss, cr, rr = dpo_loss(lp[:n], lp[n:], r[:, 0], r[:, 1], self.sec.beta, self.sec.loss,
+                                    self.sec.label_smoothing, counts[:n], counts[n:])
             # Mean over the step's pairs, however they fall into micro-batches.
             (loss.sum() / len(idx)).backward()
             losses.append(loss.detach())
@@ -182,10 +204,11 @@ def run_dpo(recipe, force: bool = False) -> Path | None:
     pad, chunk = pad_id(tok), recipe.pretrain.loss_chunk
     ref = stored_reference(start, pairs, pad, chunk)
     task = DPOTask(start.model, pairs, ref, sec, pad, start.device, chunk)
-    log.info("dpo: %d pairs, %d steps per epoch x %d epochs, beta %g", len(pairs), task.steps_per_epoch, sec.epochs,
-             sec.beta)
+    log.info("dpo: %d pairs, %d steps per epoch x %d epochs, %s loss, beta %g%s", len(pairs), task.steps_per_epoch,
+             sec.epochs, sec.loss, sec.beta, f", label smoothing {sec.label_smoothing:g}" if sec.label_smoothing else "")
     export_dir = train_stage(recipe, start, task, lambda last: {
-        "beta": sec.beta, "final": {k: last[k] for k in FINAL_KEYS}, "tokenized": tok_stats,
+        "loss_type": sec.loss, "beta": sec.beta, "label_smoothing": sec.label_smoothing,
+        "final": {k: last[k] for k in FINAL_KEYS}, "tokenized": tok_stats,
         "reference_logprobs_mean": {"chosen": float(ref[:, 0].mean()), "rejected": float(ref[:, 1].mean())}})
     if export_dir is not None:
         log.info("dpo: done, %d steps, export %s", task.total_steps, export_dir)
