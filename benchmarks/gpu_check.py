@@ -149,7 +149,8 @@ def part_eval(args, tmp: Path, limit: float, env: dict) -> dict:
     if rc or not out.is_file():
         return {"error": text[-3000:], "rc": rc}
     r = json.loads(out.read_text())[0]
-    return {"ratio": r["hf"]["seconds"] / r["ours"]["seconds"], "identical_per_item": r["identical_per_item"],
+    return {"ratio": r["hf"]["seconds"] / r["ours"]["seconds"], "ratio_from_process_start": r["hf"]["wall"] / r["ours"]["wall"],
+            "identical_per_item": r["identical_per_item"],
             "ours": r["ours"], "hf": r["hf"], "output": text[-1500:]}
 
 
