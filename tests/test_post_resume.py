@@ -54,7 +54,9 @@ def _recipe(folder: Path, stage: str, init: Path, **section) -> Path:
                  "optimizer": {"lr": 3e-3}, "schedule": {"kind": "cosine", "warmup": 4},
                  "checkpoint": {"every": 5, "keep": 2}}, **section)
     path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"name": "resume", "run_dir": str(folder / "run"), "model": {"preset": "tiny"},
+    model = {"preset": "tiny", "overrides": {"hidden_size": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                                             "intermediate_size": 128, "max_seq_len": 256}}  # init_export's shape
+    path.write_text(yaml.safe_dump({"name": "resume", "run_dir": str(folder / "run"), "model": model,
                                     "pretrain": {"loss_chunk": 64}, stage: body}))
     return path
 

@@ -149,7 +149,10 @@ def _write_jsonl(path: Path, rows: list) -> Path:
 
 def _recipe(tmp_path: Path, body: dict) -> Path:
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"name": "post-test", "run_dir": str(tmp_path / "run"), "model": {"preset": "tiny"},
+    # The model the tests start from (_model): the recipe's model must have its shape.
+    model = {"preset": "tiny", "overrides": {"hidden_size": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                                             "intermediate_size": 128, "max_seq_len": 512}}
+    path.write_text(yaml.safe_dump({"name": "post-test", "run_dir": str(tmp_path / "run"), "model": model,
                                     **body}, sort_keys=False))
     return path
 

@@ -31,6 +31,7 @@ import subprocess
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -40,8 +41,8 @@ from torch import nn
 import zagreus
 from zagreus.errors import UserError
 from zagreus.model.config import ModelConfig
-from zagreus.model.hf import load_hf
-from zagreus.model.llama import Transformer, build_model
+from zagreus.model.hf import HF_KEYS, load_hf
+from zagreus.model.llama import Transformer, build_model, meta_model
 from zagreus.rundir import (META, enclosing_run, is_checkpoint, latest_checkpoint, list_checkpoints, locate, read_meta,
                             resolve_checkpoint, set_aside, step_name)
 from zagreus.tokenizer import Tokenizer, load_tokenizer
@@ -305,6 +306,57 @@ def load_checkpoint_model(path: str | Path, device: str = "cpu") -> tuple[Transf
     load_checkpoint(checkpoint, model)
     model.eval()
     tokenizer = load_tokenizer(str(_find_tokenizer(checkpoint, meta)))
+    return model, tokenizer
+
+
+# The ModelConfig fields that decide the tensors' shapes, and those that decide what the weights compute.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "tie_embeddings")
+MEANING_FIELDS = ("rope_theta", "rope_scaling", "norm_eps")
+
+
+def check_shape(found: ModelConfig, want: ModelConfig, key: str, path: Path, where: str,
+                fields: tuple[str, ...] = SHAPE_FIELDS) -> None:
+    """One UserError line naming `key` when the model at `path` (its config `found`) differs from the
+    recipe's (`want`, described by `where`) in `fields`: the first field, and the first tensor whose shape differs."""
+    differ = [name for name in fields if getattr(found, name) != getattr(want, name)]
+    if not differ:
+        return
+    name = differ[0]
+    hf_key = HF_KEYS.get(name, name)
+    label = name if hf_key == name else f"{name} ({hf_key} in config.json)"
+    value = lambda cfg: cfg.rope_scaling.model_dump() if name == "rope_scaling" and cfg.rope_scaling else getattr(cfg, name)
+    problem = f"{label} is {value(found)!r} there but {value(want)!r} in the recipe's model ({where})"
+    tensor = _tensor_difference(found, want)
+    if tensor:
+        problem += f"; tensor {tensor}"
+    raise UserError(f"{key} {path}: the starting model does not fit the recipe: {problem}. Set model.preset and "
+                    f"model.overrides to the starting model's shape, or point {key} at a model of the recipe's")
+
+
+def _tensor_difference(found: ModelConfig, want: ModelConfig) -> str | None:
+    """'NAME is [a, b] there, [c, d] by the recipe' for the first tensor (Hugging Face name) whose shape differs."""
+    theirs = {name: list(t.shape) for name, t in meta_model(found).state_dict().items()}
+    ours = {name: list(t.shape) for name, t in meta_model(want).state_dict().items()}
+    for name in [*ours, *(n for n in theirs if n not in ours)]:
+        if theirs.get(name) != ours.get(name):
+            hf_name = name if name == "lm_head.weight" else f"model.{name}"
+            return f"{hf_name} is {theirs.get(name) or 'absent'} there, {ours.get(name) or 'absent'} by the recipe"
+    return None
+
+
+def load_init(path: Path, key: str, want: Callable[[Tokenizer], ModelConfig] | None = None, where: str = "",
+              fields: tuple[str, ...] = SHAPE_FIELDS, device: str = "cpu") -> tuple[Transformer, Tokenizer]:
+    """A stage's starting model (`key`: pretrain.init, sft.init, dpo.init): a Hugging Face folder (a Zagreus
+    export or any Llama-architecture one, such as transformers' save_pretrained writes), a checkpoint or a
+    run directory. `want(tokenizer)` is the recipe's model (described by `where`) that it must match in `fields`."""
+    if not Path(path).exists():
+        raise UserError(f"{key}: starting model {path} does not exist; fix the path")
+    model, tokenizer = load_model_and_tokenizer(path, device=device)
+    if want is not None:
+        check_shape(model.cfg, want(tokenizer), key, Path(path), where, fields)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise UserError(f"{key} {path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{model.cfg.vocab_size}")
     return model, tokenizer
 
 

@@ -161,6 +161,13 @@ class ModelSection(Strict):
             fields["vocab_size"] = vocab_size
         return resolve_model_config(self.preset, **fields)
 
+    def describe(self) -> str:
+        """The section as messages name it: model.preset X, model.overrides {...}."""
+        parts = [f"model.preset {self.preset}"] if self.preset else []
+        if self.overrides:
+            parts.append(f"model.overrides {self.overrides}")
+        return ", ".join(parts) or "model: no preset, no overrides"
+
 
 # --- pretraining ----------------------------------------------------------------------------
 class OptimizerSection(Strict):
@@ -218,6 +225,9 @@ class CheckpointSection(Strict):
 
 
 class PretrainSection(Strict):
+    init: str | None = Field(None, description="continued pretraining: step 0 starts from this model's weights (a "
+                                               "Hugging Face folder, a checkpoint or a run directory) instead of a "
+                                               "random init; it must have the shape of `model:`")
     seq_len: SeqLen = 4096
     micro_batch: int = Field(4, ge=1)
     tokens_per_step: int | None = Field(None, ge=1, description="global batch in tokens; sets gradient accumulation")

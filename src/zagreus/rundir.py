@@ -10,6 +10,7 @@ module, so the layout below is written down once:
     metrics.jsonl, tb/             pretraining curves
     exports/step-N/                Hugging Face folders written by `zagreus export`
     eval/step-N.json               lm-eval results per checkpoint; eval/progression.{md,csv,png}
+    eval/sft.json, eval/dpo.json   lm-eval results of a post-training stage's export (`zagreus run`'s final-eval)
     eval/compare.{md,csv,png}      `zagreus compare --run`: this run's model against others
     eval/delta.{md,csv,png}        `zagreus compare --delta --run`: base against fine-tune, task by task
     sft/, dpo/                     post-training stages (see StageDir)
@@ -141,6 +142,10 @@ class RunDir:
     def eval_result(self, checkpoint: Path) -> Path:
         """The cached lm-eval results of a checkpoint: eval/<its folder name>.json."""
         return self.eval / f"{Path(checkpoint).name}.json"
+
+    def stage_eval(self, stage: str) -> Path:
+        """eval/<stage>.json: the lm-eval results of post-training stage `stage`'s export."""
+        return self.eval / f"{self.stage(stage).name}.json"
 
     def progression(self, suffix: str | None = "md") -> Path:
         """eval/progression.<suffix>: md, csv or png (None: the stem the table writer adds suffixes to)."""

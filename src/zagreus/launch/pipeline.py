@@ -6,7 +6,10 @@ the same files; every stage resumes or skips work already done, so rerunning `za
 after a crash continues where it stopped.
 
 The chain writes no exports/: eval scores the checkpoints themselves and release exports the
-final model, so nothing would read them; `zagreus export` writes one on demand.
+final model, so nothing would read them; `zagreus export` writes one on demand. A recipe that
+post-trains (with or without pretraining, e.g. recipes/nesso-0.4b-*.yaml) also scores its final
+model, the last post-training stage's export, on eval.tasks (final-eval, into
+RUN_DIR/eval/<stage>.json, which the model card shows) before release ships it.
 """
 
 from __future__ import annotations
@@ -19,34 +22,60 @@ from pathlib import Path
 
 from zagreus.errors import UserError
 from zagreus.recipe import Recipe, dump_recipe
+from zagreus.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-STAGES = ["data", "pretrain", "eval", "sft", "dpo", "release"]
+# eval scores the pretraining checkpoints; final-eval the post-trained model that release ships.
+STAGES = ["data", "pretrain", "eval", "sft", "dpo", "final-eval", "release"]
+
+
+def _eval_args(recipe: Recipe, model: str) -> list[str]:
+    """`zagreus eval MODEL` with the recipe's tasks, limit and data folder (few-shot counts come from the run's recipe)."""
+    args = ["eval", model, "--tasks", ",".join(recipe.eval.tasks)]
+    if recipe.eval.limit is not None:
+        args += ["--limit", str(recipe.eval.limit)]
+    if recipe.eval.data_dir is not None:
+        args += ["--data-dir", str(recipe.resolve_path(recipe.eval.data_dir))]
+    return args
+
+
+def final_stage(recipe: Recipe) -> str | None:
+    """The post-training stage whose export is the run's final model (dpo, else sft), None when it has none."""
+    return "dpo" if recipe.dpo is not None else "sft" if recipe.sft is not None else None
 
 
 def stage_commands(recipe: Recipe, recipe_path: Path) -> list[tuple[str, list[str]]]:
     """(stage, CLI arguments) for every stage the recipe configures, in pipeline order."""
-    run_dir = str(recipe.run_path())
+    run = RunDir(recipe.run_path())
     path = str(recipe_path)
     commands: list[tuple[str, list[str]]] = []
-    # A recipe without data is post-training only (sft.init names the base model).
+    # A recipe without data is post-training only (sft.init or dpo.init names the base model).
     if recipe.data is not None:
         commands.append(("data", ["data", "tokenize", path]))
         commands.append(("pretrain", ["pretrain", path]))
-    if recipe.eval.tasks and recipe.data is not None:
-        args = ["eval", run_dir, "--every-checkpoint", "--tasks", ",".join(recipe.eval.tasks)]
-        if recipe.eval.limit is not None:
-            args += ["--limit", str(recipe.eval.limit)]
-        if recipe.eval.data_dir is not None:
-            args += ["--data-dir", str(recipe.resolve_path(recipe.eval.data_dir))]
-        commands.append(("eval", args))
+        if recipe.eval.tasks:
+            commands.append(("eval", [*_eval_args(recipe, str(run.root)), "--every-checkpoint"]))
     if recipe.sft is not None:
         commands.append(("sft", ["sft", path]))
     if recipe.dpo is not None:
         commands.append(("dpo", ["dpo", path]))
-    commands.append(("release", ["release", run_dir]))
+    final = final_stage(recipe)
+    if recipe.eval.tasks and final is not None:
+        commands.append(("final-eval", [*_eval_args(recipe, str(run.stage(final).export)),
+                                        "--out", str(run.stage_eval(final))]))
+    commands.append(("release", ["release", str(run.root)]))
     return commands
+
+
+def _up_to_date(recipe: Recipe, stage: str) -> bool:
+    """final-eval's results are newer than the export they score (a rerun after a later failure skips it)."""
+    final = final_stage(recipe)
+    if stage != "final-eval" or final is None:
+        return False
+    run = RunDir(recipe.run_path())
+    results, summary = run.stage_eval(final), run.stage(final).summary
+    return results.is_file() and summary.is_file() and results.stat().st_mtime >= summary.stat().st_mtime
 
 
 def plan(recipe: Recipe, recipe_path: Path, *, gpus: int | None, gpu: str, mfu: float) -> list[str]:
@@ -87,6 +116,10 @@ def run_pipeline(recipe: Recipe, recipe_path: Path, first: str | None = None, la
         raise UserError(f"no stage of {recipe_path} lies between {first or STAGES[0]} and {last or STAGES[-1]}; "
                         f"its stages are {', '.join(s for s, _ in stage_commands(recipe, recipe_path))}")
     for i, (stage, args) in enumerate(selected, 1):
+        if _up_to_date(recipe, stage):
+            log.info("[%d/%d] stage %s: %s is newer than the model it scores; skipped", i, len(selected), stage,
+                     RunDir(recipe.run_path()).stage_eval(final_stage(recipe)))
+            continue
         log.info("[%d/%d] stage %s: zagreus %s", i, len(selected), stage, " ".join(args))
         start = time.time()
         result = subprocess.run([sys.executable, "-m", "zagreus.cli", *args])

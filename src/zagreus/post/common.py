@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from zagreus import __version__
-from zagreus.checkpoint import load_model_and_tokenizer
+from zagreus.checkpoint import load_init
 from zagreus.devices import pick_device
 from zagreus.errors import UserError
 from zagreus.model.hf import save_hf
@@ -63,14 +63,20 @@ def tokenization_report(what: str, kept: int, truncated: int, empty: int, seq_le
 
 
 def open_init(init: str | None, recipe, default: Path, what: str, device: torch.device):
-    """(model, tokenizer) from `init` (resolved against the recipe) or the default location."""
+    """(model, tokenizer, path) from `init` (resolved against the recipe) or the default location.
+
+    A recipe that writes a `model:` section states the model it post-trains: the starting model
+    must have its shape (vocabulary from the starting tokenizer unless model.overrides sets one).
+    Without one, the starting model's own shape is taken.
+    """
     path = recipe.resolve_path(init) if init else default
     if not path.exists():
         hint = f"set {what}.init to a checkpoint or export folder" if init is None else "fix the path"
         raise UserError(f"{what}: starting model {path} does not exist; {hint}")
-    model, tok = load_model_and_tokenizer(path, device=str(device))
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise UserError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
+    want = None
+    if "model" in recipe.model_fields_set:
+        want = lambda tok: recipe.model.resolve(vocab_size=tok.vocab_size)  # noqa: E731
+    model, tok = load_init(path, f"{what}.init", want, recipe.model.describe(), device=str(device))
     log.info("%s: starting from %s (%s parameters)", what, path, f"{sum(p.numel() for p in model.parameters()):,}")
     return model, tok, path
 

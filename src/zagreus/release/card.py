@@ -82,7 +82,7 @@ def build_model_card(export_dir: Path, run: RunDir | None, repo_id: str | None =
     lines += _training_section(run, recipe)
     lines += _post_training_section(run, post_stage)
     lines += _data_section(run)
-    lines += _eval_section(run)
+    lines += _eval_section(run, post_stage)
     chat = saved_chat_template(export_dir)
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
@@ -204,14 +204,27 @@ def _data_section(run: RunDir | None) -> list[str]:
     return out + [""]
 
 
-def _eval_section(run: RunDir | None) -> list[str]:
-    """The evaluation tables the run holds: progression by checkpoint, comparison with other models, base vs fine-tune."""
+def _model_scores(run: RunDir, post_stage: str | None) -> list[str]:
+    """The released model's own scores, when `zagreus run` evaluated the post-training export it ships."""
+    path = run.stage_eval(post_stage) if post_stage is not None else None
+    if path is None or not path.is_file():
+        return []
+    tasks = (json.loads(path.read_text(encoding="utf-8")).get("tasks") or {}).items()
+    rows = [f"| {task} | {entry.get('metric')} | {entry['value']:.4f} | {entry.get('samples')} |"
+            for task, entry in tasks if isinstance(entry.get("value"), (int, float))]
+    return ["This model (lm-evaluation-harness, `zagreus eval`):", "", "| task | metric | score | items |",
+            "|---|---|---|---|", *rows, ""] if rows else []
+
+
+def _eval_section(run: RunDir | None, post_stage: str | None = None) -> list[str]:
+    """The evaluation tables the run holds: the released model's scores, progression by checkpoint,
+    comparison with other models, base vs fine-tune."""
     if run is None:
         return []
+    out = _model_scores(run, post_stage)
     tables = [(run.progression(), "Scores by checkpoint (lm-evaluation-harness, `zagreus eval --every-checkpoint`):"),
               (run.comparison(), "Against other models (`zagreus compare --run`):"),
               (run.delta(), "Base model against its fine-tune, task by task (`zagreus compare --delta --run`):")]
-    out = []
     for path, intro in tables:
         if path.is_file():
             out += [intro, "", path.read_text(encoding="utf-8").strip(), ""]

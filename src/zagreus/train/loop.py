@@ -225,6 +225,27 @@ def _evaluations(recipe: Recipe, parallel: ParallelModel, validator: Validator |
     return evaluations
 
 
+def load_init_weights(recipe: Recipe, cfg: ModelConfig, model: nn.Module, whole: bool) -> None:
+    """Continued pretraining: pretrain.init's weights into the (possibly sharded) model, in place.
+
+    The starting model must have the recipe's shape, RoPE and norm epsilon (the recipe's model is
+    the one trained); every rank reads the whole state and keeps its own shard of it. `whole`: the model
+    holds every layer (False for a pipeline stage, which takes only its own).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from zagreus.checkpoint import MEANING_FIELDS, SHAPE_FIELDS, load_init
+
+    path = recipe.resolve_path(recipe.pretrain.init)
+    source, _ = load_init(path, "pretrain.init", lambda tok: cfg, recipe.model.describe(), SHAPE_FIELDS + MEANING_FIELDS)
+    state = source.state_dict()
+    if not whole:
+        own = model.state_dict()
+        state = {name: tensor for name, tensor in state.items() if name in own}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=whole))
+    log.info("pretrain: step 0 starts from the weights of %s", path)
+
+
 def run_pretrain(recipe: Recipe, quick_eval: QuickEval | None = None) -> dict:
     """Train (or resume) per recipe.pretrain in recipe.run_path(); returns the last metrics.
 
@@ -270,6 +291,8 @@ def run_pretrain(recipe: Recipe, quick_eval: QuickEval | None = None) -> dict:
                       clip_grad_norm=parallel.clip_grad_norm_, meta=run_facts(cfg, recipe), tokenizer_dir=tokenizer_dir,
                       evaluations=_evaluations(recipe, parallel, validator, plain, tokenizer, quick_eval, dinfo.world))
     step = trainer.resume()
+    if step == 0 and p.init is not None:
+        load_init_weights(recipe, cfg, parallel.model, dims.pp == 1)
     log.info("pretraining %s: %d parameters, %d steps x %d tokens (%d micro-steps of %d x %d per rank, %d rank(s)), "
              "device %s, starting at step %d", recipe.name, cfg.param_counts()["total"], p.steps, tokens_per_step,
              accum, p.micro_batch, p.seq_len, parallel.dp_world, device, step)
