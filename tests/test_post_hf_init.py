@@ -238,6 +238,7 @@ def test_run_on_a_post_training_only_recipe(hf_folder, tmp_path):
     value = scores["tasks"]["zagreus_arc_it"]["value"]
     assert f"| zagreus_arc_it | {scores['tasks']['zagreus_arc_it']['metric']} | {value:.4f} | 4 |" in card
     assert "- SFT: " in card and "- DPO: " in card
+    assert "fine-tuned with zagreus" in card and f"from {hf_folder}." in card and "from scratch" not in card
     # The release is DPO's model.
     assert (run / "release" / "model.safetensors").read_bytes() == (run / "dpo" / "export" / "model.safetensors").read_bytes()
     # Run again: every stage is done, the eval is not redone.
@@ -247,3 +248,16 @@ def test_run_on_a_post_training_only_recipe(hf_folder, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "eval" / "dpo.json").stat().st_mtime_ns == before
     assert "stage final-eval:" in result.stderr and "skipped" in result.stderr
+
+
+def test_model_card_names_the_weights_a_continued_pretraining_started_from(hf_folder, tmp_path):
+    from zagreus.release.card import build_model_card
+    from zagreus.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.recipe.write_text(yaml.safe_dump({"name": "cpt", "data": {"sources": [{"name": "it", "path": "x", "language": "it"}]},
+                                          "pretrain": {"init": "/models/Llama-3.2-1B"}}))
+    card = build_model_card(hf_folder, run)
+    assert "A Llama-architecture decoder: /models/Llama-3.2-1B, pretrained further with zagreus" in card
+    assert "on Italian." in card and "from scratch" not in card

@@ -66,7 +66,15 @@ def build_model_card(export_dir: Path, run: RunDir | None, repo_id: str | None =
         front["language"] = codes
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {repo_id or recipe.get('name') or export_dir.name}", ""]
     lang_text = " and ".join(LANGUAGE_NAMES.get(c, c) for c in codes) or "its training data"
-    lines += [f"A Llama-architecture decoder trained from scratch with zagreus {__version__} on {lang_text}.", ""]
+    base = _post_training_base(run, recipe, post_stage)
+    continued = (recipe.get("pretrain") or {}).get("init") if recipe.get("data") else None
+    if base is not None:  # a post-training-only run: the weights came from elsewhere
+        lines += [f"A Llama-architecture decoder fine-tuned with zagreus {__version__} from {base}.", ""]
+    elif continued:
+        lines += [f"A Llama-architecture decoder: {continued}, pretrained further with zagreus {__version__} on "
+                  f"{lang_text}.", ""]
+    else:
+        lines += [f"A Llama-architecture decoder trained from scratch with zagreus {__version__} on {lang_text}.", ""]
 
     cfg = from_llama_config(config, export_dir / "config.json")
     counts = cfg.param_counts()
@@ -171,6 +179,14 @@ def _training_section(run: RunDir | None, recipe: dict) -> list[str]:
         out.append(f"- sequence length {pre.get('seq_len')}, AdamW lr {opt.get('lr')} betas {opt.get('betas')} "
                    f"weight decay {opt.get('weight_decay')}, schedule {sched.get('kind')} (warmup {sched.get('warmup')})")
     return out + [""]
+
+
+def _post_training_base(run: RunDir | None, recipe: dict, post_stage: str | None) -> str | None:
+    """The model a run that did not pretrain started post-training from (its first stage's init), else None."""
+    if run is None or post_stage is None or recipe.get("data") or run.latest_checkpoint() is not None:
+        return None
+    first = next((stage for stage in POST_STAGES if run.stage(stage).read_summary()), None)
+    return run.stage(first).read_summary().get("init") if first is not None else None
 
 
 def _post_training_section(run: RunDir | None, post_stage: str | None) -> list[str]:
