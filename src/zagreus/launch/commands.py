@@ -29,7 +29,7 @@ def check(recipe: Path = typer.Argument(..., help="YAML recipe"),
 def run(recipe: Path = typer.Argument(..., help="YAML recipe"),
         from_stage: Optional[str] = typer.Option(None, "--from", help="first stage to run"),
         until: Optional[str] = typer.Option(None, help="last stage to run")) -> None:
-    """Run every stage of a recipe: data, pretrain, eval, sft, dpo, release."""
+    """Run every stage of a recipe: data, pretrain, eval, sft, dpo, final-eval, release."""
     from zagreus.launch.pipeline import run_pipeline
     from zagreus.recipe import load_recipe
 
