@@ -36,11 +36,13 @@ def _recipe_defaults(model: Path) -> dict:
 def evaluate(
     model: Path = typer.Argument(..., help="export folder, checkpoint folder, run directory, or any Hugging Face "
                                  "causal LM (a local folder or a hub id such as Qwen/Qwen3-0.6B)"),
-    tasks: Optional[str] = typer.Option(None, help="comma-separated lm-eval tasks or the report's suites (report-ita, nesso, pt-leaderboard, ...), e.g. zagreus_arc_it,arc_it "
+    tasks: Optional[str] = typer.Option(None, help="comma-separated lm-eval tasks or the report's suites (report-ita, "
+                                        "nesso, pt-leaderboard, ...), e.g. zagreus_arc_it,arc_it "
                                         "(default: the run's recipe eval.tasks)"),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", min=0, help="few-shot examples for every task"),
     limit: Optional[float] = typer.Option(None, min=0.0001, help="items per task (a fraction if below 1)"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="batch size: x256 tokens per forward for our models, sequences for other architectures (lm-eval's HFLM)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="batch size: x256 tokens per forward "
+                                             "for our models, sequences for other architectures (lm-eval's HFLM)"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="folder with the files of the zagreus_* tasks"),
     out: Optional[Path] = typer.Option(None, help="results JSON (default: print it)"),
     every_checkpoint: bool = typer.Option(False, "--every-checkpoint",
