@@ -70,6 +70,23 @@ def test_every_shipped_recipe_validates():
             dumped.unlink()
 
 
+@pytest.mark.parametrize("lang", ["ita", "spa", "fra", "por"])
+def test_report_recipes_add_no_filtering(lang):
+    """The report's sources come filtered and deduplicated by their publishers, and the report adds
+    no filtering of its own: no dedup, no length, language or quality rule."""
+    from zagreus.data.filters import length_ok
+    f = load_recipe(REPO / f"recipes/zagreus-0.4b-{lang}.yaml", check_inputs=False).data.filters
+    assert (f.dedup, f.quality, f.min_chars, f.max_chars, f.languages) == ("none", False, 0, None, None)
+    assert length_ok("", f.min_chars, f.max_chars) and length_ok("x" * 50_000_000, f.min_chars, f.max_chars)
+
+
+def test_tiny_recipe_keeps_its_filters():
+    f = load_recipe(REPO / "recipes/tiny.yaml", check_inputs=False).data.filters
+    assert (f.dedup, f.quality, f.min_chars) == ("minhash", True, 200)
+    from zagreus.data.filters import length_ok
+    assert not length_ok("x" * 199, f.min_chars, f.max_chars)
+
+
 def test_model_info_counts():
     result = zagreus("model", "info", "zagreus-0.4b")
     assert result.returncode == 0, result.stderr

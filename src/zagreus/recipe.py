@@ -97,7 +97,7 @@ class MinHashSection(Strict):
 
 class FiltersSection(Strict):
     min_chars: int = Field(200, ge=0)
-    max_chars: int = Field(1_000_000, ge=1)
+    max_chars: int | None = Field(1_000_000, ge=1, description="None: no upper bound")
     languages: list[str] | None = Field(None, description="ISO 639-1 codes kept by language identification")
     language_threshold: float = Field(0.5, ge=0, le=1, description="least confidence of the language identifier")
     quality: bool = True
@@ -106,7 +106,7 @@ class FiltersSection(Strict):
 
     @model_validator(mode="after")
     def _lengths(self) -> "FiltersSection":
-        if self.min_chars > self.max_chars:
+        if self.max_chars is not None and self.min_chars > self.max_chars:
             raise ValueError(f"min_chars ({self.min_chars}) exceeds max_chars ({self.max_chars}); no document would pass")
         return self
 

@@ -64,8 +64,8 @@ def is_validation(split_key: int, fraction: float) -> bool:
     return split_key % 1_000_000 < round(fraction * 1_000_000)
 
 
-def length_ok(text: str, min_chars: int, max_chars: int) -> bool:
-    return min_chars <= len(text) <= max_chars
+def length_ok(text: str, min_chars: int, max_chars: int | None) -> bool:
+    return min_chars <= len(text) and (max_chars is None or len(text) <= max_chars)
 
 
 def quality_reason(text: str) -> str | None:
