@@ -170,7 +170,7 @@ def test_eval_job_beside_training(tmp_path: Path, monkeypatch) -> None:
 
 def test_cpu_job_and_post_training_scripts(tmp_path: Path, monkeypatch) -> None:
     """--gpus-per-node 0: no GPU line, torchrun --nproc-per-node N, one CPU per process; eval on one CPU with
-    --device cpu; sft and dpo jobs run one process, chained afterok on --submit."""
+    --device cpu; sft and dpo jobs run torchrun like pretraining, chained afterok on --submit."""
     monkeypatch.chdir(tmp_path)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE % 1 + "eval: {tasks: [zagreus_arc_it]}\n"
@@ -197,9 +197,9 @@ def test_cpu_job_and_post_training_scripts(tmp_path: Path, monkeypatch) -> None:
     assert "--watch --device cpu" in evaluation
     for stage in ("sft", "dpo"):
         lines = (slurm_dir / f"{stage}.sbatch").read_text().splitlines()
-        for line in (f"#SBATCH --job-name=slurm-test-{stage}", "#SBATCH --nodes=1", "#SBATCH --cpus-per-task=1",
+        for line in (f"#SBATCH --job-name=slurm-test-{stage}", "#SBATCH --nodes=2", "#SBATCH --cpus-per-task=4",
                      "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "trap requeue USR1",
-                     f"zagreus {stage} {recipe.resolve()} &"):
+                     "  --nproc-per-node=4 \\", f"  -m zagreus.cli {stage} {recipe.resolve()} &"):
             assert line in lines, (stage, line)
         assert subprocess.run(["bash", "-n", str(slurm_dir / f"{stage}.sbatch")]).returncode == 0
     assert (bin_dir / "sbatch.args").read_text().splitlines() == [
@@ -208,9 +208,13 @@ def test_cpu_job_and_post_training_scripts(tmp_path: Path, monkeypatch) -> None:
         f"--parsable --dependency=afterok:779 {slurm_dir / 'dpo.sbatch'}"]
     assert "submitted job 779 (sft, afterok 777)" in result.output and "submitted job 780 (dpo, afterok 779)" in result.output
 
-    # On GPUs the post-training jobs take one GPU; --stage picks the jobs (dpo alone: no dependency).
+    # On GPUs the post-training jobs take the job's GPUs; --stage picks the jobs (dpo alone: no dependency).
     scripts = write_sbatch(recipe, SlurmJob(nodes=1, gpus_per_node=8), stages=["dpo"])
     assert scripts.pretrain is None and scripts.eval is None and scripts.sft is None
-    assert "#SBATCH --gpus-per-node=1" in scripts.dpo.read_text().splitlines()
+    assert {"#SBATCH --gpus-per-node=8", "  --nproc-per-node=8 \\"} <= set(scripts.dpo.read_text().splitlines())
+    bad = tmp_path / "tp.yaml"
+    bad.write_text(recipe.read_text().replace("dpo: {", "dpo: {parallel: {tp: 2}, "))
+    with pytest.raises(UserError, match="dpo.parallel: tp and pp are for pretraining"):
+        write_sbatch(bad, SlurmJob(nodes=1, gpus_per_node=8), stages=["dpo"])
     with pytest.raises(UserError, match="no 'sft:' section"):
         write_sbatch(_recipe(tmp_path), SlurmJob(nodes=1, gpus_per_node=8), stages=["sft"])

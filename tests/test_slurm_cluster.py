@@ -112,7 +112,7 @@ def test_requeued_pretraining_loses_nothing(slurm_cluster, data_dir, tmp_path):
 
 
 def test_training_then_eval_and_sft_jobs(slurm_cluster, data_dir, tmp_path):
-    """pretrain; eval --watch after:pretrain (1 CPU); sft afterok:pretrain (1 CPU, one process)."""
+    """pretrain; eval --watch after:pretrain (1 CPU); sft afterok:pretrain (2 CPU processes under torchrun)."""
     from test_eval_lm import write_arc_task_files
 
     bench = write_arc_task_files(tmp_path / "bench", n_test=8, n_val=2)
@@ -128,9 +128,9 @@ def test_training_then_eval_and_sft_jobs(slurm_cluster, data_dir, tmp_path):
     jobs = submitted(out)
     assert set(jobs) == {"pretrain", "eval", "sft"}, out
     assert f"(eval, after {jobs['pretrain']})" in out and f"(sft, afterok {jobs['pretrain']})" in out, out
-    for name in ("eval", "sft"):
+    for name, cpus in (("eval", 1), ("sft", 2)):
         lines = (run / "slurm" / f"{name}.sbatch").read_text().splitlines()
-        assert "#SBATCH --cpus-per-task=1" in lines and not any("--gpus-per-node" in line for line in lines)
+        assert f"#SBATCH --cpus-per-task={cpus}" in lines and not any("--gpus-per-node" in line for line in lines)
     assert "--device cpu" in (run / "slurm" / "eval.sbatch").read_text()
 
     ended = slurm_cluster.wait_end(*jobs.values(), timeout=240)
@@ -138,7 +138,8 @@ def test_training_then_eval_and_sft_jobs(slurm_cluster, data_dir, tmp_path):
     table = (run / "eval" / "progression.md").read_text(encoding="utf-8")
     assert "| step-10 |" in table and "| step-20 |" in table, table
     assert (run / "sft" / "export" / "config.json").is_file()
-    assert json.loads((run / "sft" / "summary.json").read_text())["init"] == str(run)
+    summary = json.loads((run / "sft" / "summary.json").read_text())
+    assert summary["init"] == str(run) and summary["ranks"] == 2
     finished = {r["JobID"]: r for r in slurm_cluster.completed()}
     assert all(finished[job_id]["State"] == "COMPLETED" for job_id in jobs.values()), finished
 

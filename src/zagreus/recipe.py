@@ -299,8 +299,9 @@ class SFTSection(Strict):
     template: Literal["chatml", "llama3"] = "chatml"
     packing: bool = Field(True, description="several conversations per row with document masking; false pads one per row")
     seq_len: SeqLen = 4096
-    micro_batch: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    micro_batch: int = Field(4, ge=1, description="rows per micro-batch on each rank; an optimizer step takes "
+                                                  "micro_batch x grad_accum x data-parallel ranks rows")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step on each rank")
     epochs: int = Field(3, ge=1)
     seed: Seed = 0
     optimizer: OptimizerSection = OptimizerSection(lr=1e-3)
@@ -308,6 +309,8 @@ class SFTSection(Strict):
     log_every: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint: CheckpointSection = CheckpointSection(every=500, keep=2)
+    parallel: ParallelSection = Field(ParallelSection(), description="data parallelism under torchrun (dp_shard, "
+                                                                     "dp_replicate); tp and pp are pretraining's only")
     max_bad_steps: int = Field(5, ge=1, description="non-finite steps in a row that stop the run")
 
 
@@ -323,8 +326,9 @@ class DPOSection(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid only: the assumed share of flipped "
                                                                   "preference labels (conservative DPO)")
     seq_len: SeqLen = 2048
-    micro_batch: int = Field(4, ge=1, description="preference pairs per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    micro_batch: int = Field(4, ge=1, description="preference pairs per micro-batch on each rank; an optimizer step "
+                                                  "takes micro_batch x grad_accum x data-parallel ranks pairs")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step on each rank")
     epochs: int = Field(1, ge=1)
     seed: Seed = 0
     optimizer: OptimizerSection = OptimizerSection(lr=5e-7, weight_decay=0.0)
@@ -332,6 +336,8 @@ class DPOSection(Strict):
     log_every: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint: CheckpointSection = CheckpointSection(every=500, keep=2)
+    parallel: ParallelSection = Field(ParallelSection(), description="data parallelism under torchrun (dp_shard, "
+                                                                     "dp_replicate); tp and pp are pretraining's only")
     max_bad_steps: int = Field(5, ge=1, description="non-finite steps in a row that stop the run")
 
     @model_validator(mode="after")

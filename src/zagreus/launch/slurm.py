@@ -1,5 +1,5 @@
-"""Slurm jobs of a recipe: multi-node pretraining (torchrun on every node), the one-device job beside
-it that scores every checkpoint as it is saved, and the single-process post-training stages.
+"""Slurm jobs of a recipe: multi-node pretraining, SFT and DPO (torchrun on every node), and the
+one-device job beside pretraining that scores every checkpoint as it is saved.
 
 One task per node; torchrun starts one process per GPU (or `--nproc-per-node` CPU processes on a
 CPU job, gloo) and rendezvouses with the other nodes through its c10d backend on the first node of
@@ -160,8 +160,9 @@ exit "$status"
 """
 
 
-def render_sbatch(recipe_path: Path, name: str, log_dir: Path, workdir: Path, job: SlurmJob) -> str:
-    """The pretraining job's script text (paths absolute, so it can be submitted from anywhere)."""
+def render_sbatch(recipe_path: Path, name: str, log_dir: Path, workdir: Path, job: SlurmJob,
+                  stage: str = "pretrain") -> str:
+    """A training stage's job script (pretrain, sft or dpo; paths absolute, so it can be submitted from anywhere)."""
     recipe_arg = shlex.quote(str(recipe_path.resolve()))
     command = f"""srun --kill-on-bad-exit=1 torchrun \\
   --nnodes="$SLURM_JOB_NUM_NODES" \\
@@ -169,9 +170,9 @@ def render_sbatch(recipe_path: Path, name: str, log_dir: Path, workdir: Path, jo
   --rdzv-id="$SLURM_JOB_ID" \\
   --rdzv-backend=c10d \\
   --rdzv-endpoint="$head_node:{RDZV_PORT}" \\
-  -m zagreus.cli pretrain {recipe_arg}"""
-    what = (f"{job.nodes} node(s) x {job.procs} CPU process(es) (gloo), one torchrun per node" if job.cpu
-            else f"{job.nodes} node(s) x {job.gpus_per_node} GPU(s), one torchrun per node")
+  -m zagreus.cli {stage} {recipe_arg}"""
+    what = (f"{stage} on {job.nodes} node(s) x {job.procs} CPU process(es) (gloo), one torchrun per node" if job.cpu
+            else f"{stage} on {job.nodes} node(s) x {job.gpus_per_node} GPU(s), one torchrun per node")
     body = _prologue(workdir, job, what) + f"""
 # Rendezvous on the first node of the allocation (c10d store hosted by its torchrun).
 # (No `| head -n 1`: with pipefail, scontrol's SIGPIPE on a long node list would end the job.)
@@ -179,7 +180,8 @@ mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 head_node=${{nodes[0]}}
 echo "job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST, rendezvous $head_node:{RDZV_PORT}"
 """ + _REQUEUE_AND_WAIT.format(command=command)
-    head = _head(name, job.nodes, job.gpus_per_node, log_dir, job, cpus=job.procs if job.cpu else None)
+    job_name = name if stage == "pretrain" else f"{name}-{stage}"
+    head = _head(job_name, job.nodes, job.gpus_per_node, log_dir, job, cpus=job.procs if job.cpu else None)
     return "\n".join(head) + "\n" + body
 
 
@@ -203,18 +205,6 @@ until [ -f {run_arg}/recipe.yaml ]; do
 done
 """ + _REQUEUE_AND_WAIT.format(command=command)
     head = _head(f"{name}-eval", 1, 0 if job.cpu else 1, log_dir, job, cpus=1 if job.cpu else None)
-    return "\n".join(head) + "\n" + body
-
-
-def render_post_sbatch(stage: str, recipe_path: Path, name: str, log_dir: Path, workdir: Path, job: SlurmJob) -> str:
-    """An sft or dpo job: one process on one GPU (one CPU on a CPU job); post-training is single-process.
-    Requeued on USR1 like the others; `zagreus sft|dpo RECIPE` resumes from the stage's latest checkpoint."""
-    recipe_arg = shlex.quote(str(recipe_path.resolve()))
-    command = f"zagreus {stage} {recipe_arg}"
-    body = _prologue(workdir, job, f"{stage} on {_one_device(job)} (single process), resuming from its checkpoints") + f"""
-echo "job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}): {stage} {recipe_arg}"
-""" + _REQUEUE_AND_WAIT.format(command=command)
-    head = _head(f"{name}-{stage}", 1, 0 if job.cpu else 1, log_dir, job, cpus=1 if job.cpu else None)
     return "\n".join(head) + "\n" + body
 
 
@@ -249,7 +239,14 @@ def write_sbatch(recipe_path: Path, job: SlurmJob, out: Path | None = None, stag
         if stage != "pretrain":
             if getattr(recipe, stage) is None:
                 raise UserError(f"--stage {stage}: {recipe_path} has no '{stage}:' section")
-            _check_device(recipe_path, stage, getattr(recipe, stage).device, job)
+            sec = getattr(recipe, stage)
+            _check_device(recipe_path, stage, sec.device, job)
+            par = sec.parallel
+            if par.tp > 1 or par.pp > 1:
+                raise UserError(f"{recipe_path}: {stage}.parallel: tp and pp are for pretraining; post-training is "
+                                f"data-parallel only (set them to 1)")
+            ParallelDims.resolve(par.dp_replicate, par.dp_shard, 1, 1, world_size=job.nodes * job.procs,
+                                 where=f"{stage}.parallel")
     if "pretrain" in stages:
         check_layout(recipe_path, job)
     workdir = Path.cwd()
@@ -267,7 +264,7 @@ def write_sbatch(recipe_path: Path, job: SlurmJob, out: Path | None = None, stag
     for stage in ("sft", "dpo"):
         if stage in stages:
             written[stage] = _write(script.with_name(f"{stage}.sbatch"),
-                                    render_post_sbatch(stage, recipe_path, recipe.name, log_dir, workdir, job))
+                                    render_sbatch(recipe_path, recipe.name, log_dir, workdir, job, stage))
     return Scripts(**written)
 
 

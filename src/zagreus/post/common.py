@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from zagreus.errors import UserError
 from zagreus.model.hf import save_hf
 from zagreus.post.chat import jinja_template, stop_token_ids
 from zagreus.post.datasets import load_examples, summarize
+from zagreus.post.ranks import Ranks, gathered_model, open_ranks, shard_model
 from zagreus.recipe import dump_recipe
 from zagreus.rundir import RunDir, StageDir
 from zagreus.train.metrics import last_logged
@@ -51,6 +53,12 @@ def to_sequence(ids: list[int], trained: list[bool], seq_len: int) -> tuple[Sequ
     labels = [ids[i + 1] if trained[i + 1] else IGNORE for i in range(len(ids) - 1)] + [IGNORE]
     truncated = len(ids) > seq_len
     return Sequence(ids[:seq_len], labels[:seq_len]), truncated
+
+
+def stand_in(pad: int) -> Sequence:
+    """A one-token sequence with no target: what a rank with no example of its own runs, so that
+    it still joins the data-parallel collectives while adding nothing."""
+    return Sequence([pad], [IGNORE])
 
 
 def tokenization_report(what: str, kept: int, truncated: int, empty: int, seq_len: int) -> dict:
@@ -124,26 +132,39 @@ def export(model, tokenizer, out_dir: Path, template: str, metadata: dict) -> Pa
 
 
 class EpochTask(Task):
-    """A post-training task over a fixed list of examples (rows or pairs), micro_batch x grad_accum of
-    them per optimizer step for sec.epochs epochs, in an order shuffled per epoch from the seed alone:
-    the data position to save is the step itself."""
+    """A post-training task over a fixed list of examples (rows or pairs), micro_batch x grad_accum x
+    ranks of them per optimizer step for sec.epochs epochs, in an order shuffled per epoch from the
+    seed alone: the data position to save is the step itself. Each rank trains its block of a step
+    (zagreus.post.ranks)."""
 
-    def __init__(self, stage: str, items: list, what: str, model, sec, pad: int, device: torch.device, chunk: int):
+    def __init__(self, stage: str, items, what: str, model, sec, pad: int, ranks: Ranks, chunk: int):
         self.stage, self.items, self.what = stage, items, what
-        self.model, self.sec, self.pad, self.device, self.chunk = model, sec, pad, device, chunk
-        self.per_step, self.seed = sec.micro_batch * sec.grad_accum, sec.seed
+        self.model, self.sec, self.pad, self.ranks, self.chunk = model, sec, pad, ranks, chunk
+        self.device = ranks.device
+        self.per_rank = sec.micro_batch * sec.grad_accum
+        self.per_step, self.seed = self.per_rank * ranks.world, sec.seed
         self.steps_per_epoch = math.ceil(len(items) / self.per_step)
         self.total_steps = self.steps_per_epoch * sec.epochs
         self._epoch, self._order = -1, []
 
     def picked(self, step: int) -> tuple[int, list[int]]:
-        """(epoch, indices of the items) of optimizer step `step`."""
+        """(epoch, indices of the items) of optimizer step `step`, over all ranks."""
         epoch, s = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._order = list(range(len(self.items)))
             random.Random(self.seed * 1000 + epoch).shuffle(self._order)
             self._epoch = epoch
         return epoch, self._order[s * self.per_step : (s + 1) * self.per_step]
+
+    def micro_batches(self, step: int) -> tuple[int, list[list[int]], int]:
+        """(epoch, this rank's micro-batches of item indices, the step's items over all ranks).
+
+        Under torchrun every rank gets grad_accum micro-batches, empty ones included (the caller
+        runs a stand-in for those); one process skips them."""
+        epoch, idx = self.picked(step)
+        mine, mb = self.ranks.block(idx, self.per_rank), self.sec.micro_batch
+        chunks = [mine[i : i + mb] for i in range(0, self.per_rank, mb)]
+        return epoch, chunks if self.ranks.world > 1 else [c for c in chunks if c], len(idx)
 
     def state(self) -> dict:
         return {self.what: len(self.items)}
@@ -161,7 +182,7 @@ class StageStart:
 
     sec: object
     stage: StageDir
-    device: torch.device
+    ranks: Ranks
     model: object
     tokenizer: object
     init_path: Path
@@ -170,7 +191,8 @@ class StageStart:
 
 
 def open_stage(recipe, stage: str, default_init: Path, force: bool) -> StageStart | None:
-    """Check the recipe's `stage` section, open the starting model and read the datasets; None if already finished.
+    """Check the recipe's `stage` section, open the starting model (sharded over the ranks under
+    torchrun) and read the datasets; None if already finished.
 
     --force starts over: the stage's checkpoints (and DPO's reference log-probabilities) are removed.
     """
@@ -180,39 +202,52 @@ def open_stage(recipe, stage: str, default_init: Path, force: bool) -> StageStar
     if not sec.datasets:
         raise UserError(f"{recipe.source_path}: key '{stage}.datasets' is empty; list at least one dataset")
     folder = RunDir(recipe.run_path()).stage(stage)
+    device = pick_device(sec.device, int(os.environ.get("LOCAL_RANK", "0")))
+    ranks, dims = open_ranks(stage, sec, device)
     if force:
-        shutil.rmtree(folder.checkpoints, ignore_errors=True)
-        folder.reference.unlink(missing_ok=True)
+        if ranks.is_main:
+            shutil.rmtree(folder.checkpoints, ignore_errors=True)
+            folder.reference.unlink(missing_ok=True)
+        ranks.barrier()
     elif folder.finished():
         log.info("%s: %s is finished; pass --force to train again", stage, folder.root)
         return None
     torch.manual_seed(sec.seed)
-    device = pick_device(sec.device)
     model, tok, init_path = open_init(sec.init, recipe, default_init, stage, device)
     if sec.seq_len > model.cfg.max_seq_len:
         raise UserError(f"key '{stage}.seq_len' {sec.seq_len} exceeds the model's context {model.cfg.max_seq_len}; lower it")
+    shard_model(model, dims, sec, device)
     examples, stats = [], []
     for spec in sec.datasets:
         ex, st = load_examples(spec, recipe.resolve_path, stage)
         examples += ex
         stats.append(st)
-    return StageStart(sec, folder, device, model, tok, init_path, examples, stats)
+    return StageStart(sec, folder, ranks, model, tok, init_path, examples, stats)
 
 
 def train_stage(recipe, start: StageStart, task: EpochTask, summary: Callable[[dict], dict]) -> Path | None:
     """Run `task` on the trainer, resuming from the stage's latest checkpoint; then export and write
-    summary.json (the stage's facts from `summary(last_metrics)`). None when stopped by SIGTERM."""
-    sec, folder, name = start.sec, start.stage, start.stage.name
-    folder.root.mkdir(parents=True, exist_ok=True)
-    folder.recipe.write_text(dump_recipe(recipe), encoding="utf-8")
+    summary.json (the stage's facts from `summary(last_metrics)`). None when stopped by SIGTERM.
+    Under torchrun every rank trains; rank 0 alone writes the files outside the checkpoints."""
+    sec, folder, name, ranks = start.sec, start.stage, start.stage.name, start.ranks
     run = RunDir(recipe.run_path())
-    if not run.recipe.is_file():  # a post-training-only run: the run directory starts here
-        run.recipe.write_text(dump_recipe(recipe), encoding="utf-8")
-    if not (folder.tokenizer / "tokenizer.json").is_file():  # what the stage's checkpoints load with
-        start.tokenizer.save(folder.tokenizer)
+    if ranks.is_main:
+        folder.root.mkdir(parents=True, exist_ok=True)
+        folder.recipe.write_text(dump_recipe(recipe), encoding="utf-8")
+        if not run.recipe.is_file():  # a post-training-only run: the run directory starts here
+            run.recipe.write_text(dump_recipe(recipe), encoding="utf-8")
+        if not (folder.tokenizer / "tokenizer.json").is_file():  # what the stage's checkpoints load with
+            start.tokenizer.save(folder.tokenizer)
     optimizer = build_optimizer(start.model, sec.optimizer)
+    clip = None
+    if ranks.world > 1:  # gradients are DTensor shards: the norm is taken over all of them
+        from zagreus.train.parallel import clip_grad_norm_
+
+        params = list(start.model.parameters())
+        clip = lambda max_norm: clip_grad_norm_(params, max_norm)  # noqa: E731
     trainer = Trainer(task, start.model, optimizer, Settings.of(name, sec, task.total_steps),
-                      checkpoints=folder.checkpoints, metrics_dir=folder.metrics_dir, device=start.device, tokenizer_dir=folder.tokenizer,
+                      checkpoints=folder.checkpoints, metrics_dir=folder.metrics_dir, device=ranks.device,
+                      world=ranks.world, is_main=ranks.is_main, clip_grad_norm=clip, tokenizer_dir=folder.tokenizer,
                       meta=run_facts(start.model.cfg, recipe, stage=name, init=str(start.init_path)))
     trainer.resume()
     # A run killed after its last checkpoint but before the export has nothing left to train.
@@ -223,9 +258,12 @@ def train_stage(recipe, start: StageStart, task: EpochTask, summary: Callable[[d
         raise UserError(f"{name}: trained no step ({task.total_steps} planned from {len(task.items)} {task.what}, "
                         f"{name}.epochs {sec.epochs}); nothing exported and the stage is not marked finished")
     start.model.eval()
-    export_dir = export(start.model, start.tokenizer, folder.export, sec.template, {"stage": name, "init": str(start.init_path)})
-    facts = {"finished": True, "stage": name, "init": str(start.init_path), "template": sec.template,
-             "steps": task.total_steps, "epochs": sec.epochs, **summary(last), "data": summarize(start.stats),
-             "export": str(export_dir)}
-    folder.summary.write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
-    return export_dir
+    whole = gathered_model(start.model, ranks)
+    if ranks.is_main:
+        export(whole, start.tokenizer, folder.export, sec.template, {"stage": name, "init": str(start.init_path)})
+        facts = {"finished": True, "stage": name, "init": str(start.init_path), "template": sec.template,
+                 "steps": task.total_steps, "epochs": sec.epochs, "ranks": ranks.world, **summary(last),
+                 "data": summarize(start.stats), "export": str(folder.export)}
+        folder.summary.write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
+    ranks.barrier()  # the export is complete before any rank returns it
+    return folder.export

@@ -22,6 +22,7 @@ model's, not the half-trained one's. Output: runs/<name>/dpo/export/, metrics.js
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +35,10 @@ from zagreus.devices import autocast
 from zagreus.errors import UserError
 from zagreus.post.chat import render
 from zagreus.post.common import (
-    IGNORE, EpochTask, Sequence, StageStart, open_stage, pad_id, padded_batch, to_sequence, tokenization_report,
-    train_stage,
+    IGNORE, EpochTask, Sequence, StageStart, open_stage, pad_id, padded_batch, stand_in, to_sequence,
+    tokenization_report, train_stage,
 )
+from zagreus.post.ranks import Ranks, reshard
 from zagreus.rundir import RunDir
 from zagreus.train.losses import token_logprobs
 from zagreus.train.trainer import StepResult
@@ -114,22 +116,33 @@ def pair_batch(pairs: list[Pair], pad: int, device: torch.device) -> tuple[torch
 
 
 @torch.no_grad()
-def reference_logprobs(model, pairs: list[Pair], micro_batch: int, pad: int, device: torch.device,
+def reference_logprobs(model, pairs: list[Pair], micro_batch: int, pad: int, ranks: Ranks,
                        chunk_tokens: int = 4096) -> torch.Tensor:
-    """[N, 2] (chosen, rejected) log-probabilities of every pair under the model as it is now."""
+    """[N, 2] (chosen, rejected) log-probabilities of every pair under the model as it is now.
+
+    Under torchrun each rank scores a contiguous block of whole micro-batches (the same batches
+    one process forms) and the blocks are gathered, so every rank returns all N rows."""
     was_training = model.training
     model.eval()
-    out = torch.empty(len(pairs), 2, dtype=torch.float64)
-    for start in tqdm(range(0, len(pairs), micro_batch), desc="dpo reference", unit="batch", disable=None):
-        chunk = pairs[start : start + micro_batch]
-        tokens, labels = pair_batch(chunk, pad, device)
-        with autocast(device):
+    n = len(pairs)
+    block = math.ceil(math.ceil(n / ranks.world) / micro_batch) * micro_batch
+    mine = ranks.block(list(range(n)), block)
+    out = torch.zeros(block, 2, dtype=torch.float64)
+    for start in tqdm(range(0, block, micro_batch), desc="dpo reference", unit="batch", disable=None):
+        idx = mine[start : start + micro_batch]
+        if not idx and ranks.world == 1:
+            break
+        chunk = [pairs[i] for i in idx] or [Pair(stand_in(pad), stand_in(pad))]
+        tokens, labels = pair_batch(chunk, pad, ranks.device)
+        with autocast(ranks.device):
             lp = sequence_logprobs(model, tokens, labels, chunk_tokens).double().cpu()
-        n = len(chunk)
-        out[start : start + n, 0] = lp[:n]
-        out[start : start + n, 1] = lp[n:]
+        k = len(idx)
+        out[start : start + k, 0] = lp[:k]
+        out[start : start + k, 1] = lp[len(chunk):len(chunk) + k]
     model.train(was_training)
-    return out
+    if ranks.world > 1:
+        reshard(model)
+    return ranks.all_gather(out)[:n]
 
 
 def stored_reference(start: StageStart, pairs: list[Pair], pad: int, chunk: int) -> torch.Tensor:
@@ -148,44 +161,49 @@ def stored_reference(start: StageStart, pairs: list[Pair], pad: int, chunk: int)
     if start.stage.latest_checkpoint() is not None:
         raise UserError(f"dpo: {path} is missing or stale but {start.stage.checkpoints} holds a half-trained model; "
                         f"pass --force to start over")
-    ref = reference_logprobs(start.model, pairs, start.sec.micro_batch, pad, start.device, chunk)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, "logprobs": ref}, tmp)
-    os.replace(tmp, path)
+    ref = reference_logprobs(start.model, pairs, start.sec.micro_batch, pad, start.ranks, chunk)
+    if start.ranks.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"key": key, "logprobs": ref}, tmp)
+        os.replace(tmp, path)
     return ref
 
 
 class DPOTask(EpochTask):
-    """One DPO step: micro-batches of pairs (chosen and rejected in one forward); the mean loss over the step's pairs."""
+    """One DPO step: micro-batches of pairs (chosen and rejected in one forward); the mean loss over
+    the step's pairs, over all ranks."""
 
     unit = "pairs"
 
-    def __init__(self, model, pairs: list[Pair], ref: torch.Tensor, sec, pad: int, device: torch.device, chunk: int):
-        super().__init__("dpo", pairs, "pairs", model, sec, pad, device, chunk)
+    def __init__(self, model, pairs: list[Pair], ref: torch.Tensor, sec, pad: int, ranks: Ranks, chunk: int):
+        super().__init__("dpo", pairs, "pairs", model, sec, pad, ranks, chunk)
         self.ref = ref  # [pairs, 2] reference log-probabilities of (chosen, rejected)
 
     def step(self, step: int) -> StepResult:
-        epoch, idx = self.picked(step)
-        losses, chosen_r, rejected_r = [], [], []
-        for m in range(0, len(idx), self.sec.micro_batch):
-            mb = idx[m : m + self.sec.micro_batch]
-            tokens, labels = pair_batch([self.items[i] for i in mb], self.pad, self.device)
+        epoch, chunks, n_pairs = self.micro_batches(step)
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, chosen and rejected rewards, margins, correct
+        for mb in chunks:
+            pairs = [self.items[i] for i in mb] or [Pair(stand_in(self.pad), stand_in(self.pad))]
+            tokens, labels = pair_batch(pairs, self.pad, self.device)
             with autocast(self.device):
                 lp = sequence_logprobs(self.model, tokens, labels, self.chunk)
+            if not mb:  # a stand-in: joins the collectives, adds nothing
+                (lp.sum() * 0).backward()
+                continue
             n, counts = len(mb), completion_tokens(labels).to(lp.dtype)
             r = self.ref[mb].to(device=self.device, dtype=lp.dtype)
             loss, cr, rr = dpo_loss(lp[:n], lp[n:], r[:, 0], r[:, 1], self.sec.beta, self.sec.loss,
                                     self.sec.label_smoothing, counts[:n], counts[n:])
-            # Mean over the step's pairs, however they fall into micro-batches.
-            (loss.sum() / len(idx)).backward()
-            losses.append(loss.detach())
-            chosen_r.append(cr)
-            rejected_r.append(rr)
-        cr_all, rr_all = torch.cat(chosen_r), torch.cat(rejected_r)
-        return StepResult(torch.cat(losses).mean(), len(idx), {
-            "epoch": epoch, "rewards_chosen": float(cr_all.mean()), "rewards_rejected": float(rr_all.mean()),
-            "margins": float((cr_all - rr_all).mean()), "accuracy": float((cr_all > rr_all).float().mean())})
+            # Mean over the step's pairs, however they fall into micro-batches and ranks
+            # (data parallelism averages gradients over the ranks, hence x world).
+            (loss.sum() * self.ranks.world / n_pairs).backward()
+            sums += torch.stack([loss.detach().sum(), cr.sum(), rr.sum(), (cr - rr).sum(),
+                                 (cr > rr).sum()]).double().cpu()
+        loss, chosen, rejected, margins, correct = (self.ranks.all_sum(sums) / n_pairs).tolist()
+        return StepResult(torch.tensor(loss), n_pairs, {
+            "epoch": epoch, "rewards_chosen": chosen, "rewards_rejected": rejected, "margins": margins,
+            "accuracy": correct})
 
 
 FINAL_KEYS = ("loss", "rewards_chosen", "rewards_rejected", "margins", "accuracy")
@@ -203,7 +221,7 @@ def run_dpo(recipe, force: bool = False) -> Path | None:
         raise UserError("dpo: no pair has completion tokens within seq_len; raise dpo.seq_len")
     pad, chunk = pad_id(tok), recipe.pretrain.loss_chunk
     ref = stored_reference(start, pairs, pad, chunk)
-    task = DPOTask(start.model, pairs, ref, sec, pad, start.device, chunk)
+    task = DPOTask(start.model, pairs, ref, sec, pad, start.ranks, chunk)
     log.info("dpo: %d pairs, %d steps per epoch x %d epochs, %s loss, beta %g%s", len(pairs), task.steps_per_epoch,
              sec.epochs, sec.loss, sec.beta, f", label smoothing {sec.label_smoothing:g}" if sec.label_smoothing else "")
     export_dir = train_stage(recipe, start, task, lambda last: {

@@ -27,9 +27,11 @@ import torch
 from zagreus.devices import autocast
 from zagreus.errors import UserError
 from zagreus.post.chat import render
+from zagreus.post.ranks import Ranks
 from zagreus.rundir import RunDir
 from zagreus.post.common import (
-    IGNORE, EpochTask, Sequence, open_stage, pad_id, padded_batch, to_sequence, tokenization_report, train_stage,
+    IGNORE, EpochTask, Sequence, open_stage, pad_id, padded_batch, stand_in, to_sequence, tokenization_report,
+    train_stage,
 )
 from zagreus.train.losses import chunked_cross_entropy
 from zagreus.train.trainer import StepResult
@@ -129,28 +131,30 @@ def build_rows(seqs: list[Sequence], seq_len: int, packing: bool, seed: int) -> 
 
 
 class SFTTask(EpochTask):
-    """One SFT step: micro-batches of rows; the loss is the mean over the step's trained tokens."""
+    """One SFT step: micro-batches of rows; the loss is the mean over the step's trained tokens, over all ranks."""
 
     unit = "tokens"
 
-    def __init__(self, model, rows: list[list[Sequence]], sec, pad: int, device: torch.device, chunk: int):
-        super().__init__("sft", rows, "rows", model, sec, pad, device, chunk)
+    def __init__(self, model, rows: list[list[Sequence]], sec, pad: int, ranks: Ranks, chunk: int):
+        super().__init__("sft", rows, "rows", model, sec, pad, ranks, chunk)
 
     def step(self, step: int) -> StepResult:
-        epoch, idx = self.picked(step)
-        picked = [self.items[i] for i in idx]
-        micro = [make_batch(picked[i : i + self.sec.micro_batch], self.pad, self.device, self.sec.packing)
-                 for i in range(0, len(picked), self.sec.micro_batch)]
-        n_trained = sum(b.trained_tokens for b in micro)
+        epoch, chunks, _ = self.micro_batches(step)
+        micro = [make_batch([self.items[i] for i in chunk] if chunk else [[stand_in(self.pad)]], self.pad, self.device,
+                            self.sec.packing) for chunk in chunks]
+        counts = self.ranks.all_sum(torch.tensor([sum(b.trained_tokens for b in micro),
+                                                  sum(b.tokens.numel() for b in micro)], dtype=torch.float64))
+        n_trained = int(counts[0])
         total = torch.zeros((), dtype=torch.float64)
         for b in micro:
             with autocast(self.device):
                 loss_sum = token_losses(self.model, b, self.chunk, reduction="sum")
-            # Mean over the step's trained tokens, however they fall into micro-batches.
-            (loss_sum / n_trained).backward()
+            # Mean over the step's trained tokens, however they fall into micro-batches and ranks
+            # (data parallelism averages gradients over the ranks, hence x world).
+            (loss_sum * self.ranks.world / n_trained).backward()
             total += loss_sum.detach().double().cpu()
-        return StepResult(total / n_trained, sum(b.tokens.numel() for b in micro),
-                          {"epoch": epoch, "trained_tokens": n_trained})
+        total = self.ranks.all_sum(total)
+        return StepResult(total / n_trained, int(counts[1]), {"epoch": epoch, "trained_tokens": n_trained})
 
 
 def run_sft(recipe, force: bool = False) -> Path | None:
@@ -163,7 +167,7 @@ def run_sft(recipe, force: bool = False) -> Path | None:
     if not seqs:
         raise UserError("sft: no conversation has an assistant token within seq_len; raise sft.seq_len")
     rows = build_rows(seqs, sec.seq_len, sec.packing, sec.seed)
-    task = SFTTask(start.model, rows, sec, pad_id(tok), start.device, recipe.pretrain.loss_chunk)
+    task = SFTTask(start.model, rows, sec, pad_id(tok), start.ranks, recipe.pretrain.loss_chunk)
     log.info("sft: %d conversations in %d rows (%s), %d steps per epoch x %d epochs", len(seqs), len(rows),
              "packed" if sec.packing else "padded", task.steps_per_epoch, sec.epochs)
     export_dir = train_stage(recipe, start, task,

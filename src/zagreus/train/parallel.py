@@ -73,9 +73,10 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @classmethod
-    def resolve(cls, dp_replicate: int, dp_shard: int, tp: int, pp: int, world_size: int) -> "ParallelDims":
-        """Fill dp_shard = -1 with the ranks left over and check the product against the world."""
-        where = "pretrain.parallel"
+    def resolve(cls, dp_replicate: int, dp_shard: int, tp: int, pp: int, world_size: int,
+                where: str = "pretrain.parallel") -> "ParallelDims":
+        """Fill dp_shard = -1 with the ranks left over and check the product against the world
+        (`where` names the recipe section in messages)."""
         for name, value in (("dp_replicate", dp_replicate), ("tp", tp), ("pp", pp)):
             if value < 1:
                 raise UserError(f"{where}.{name} is {value}; use 1 or more")

@@ -1,0 +1,166 @@
+"""SFT and DPO under torchrun (2 ranks, gloo, CPU) equal the single-process run: the same loss and
+DPO statistics at every step within 1e-5, and the same exported weights.
+
+The single process runs grad_accum 2 where each rank runs 1, so both train on the same examples
+per step. The packed SFT rows are odd in number, so the last step of every epoch is short and
+rank 1 runs the stand-in micro-batch there; the 11 DPO pairs split 6 and 5 for the reference. A run killed mid-way under torchrun resumes
+to the uninterrupted run's losses, bit for bit, and the DPO reference log-probabilities are
+computed once, by both ranks, and stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+WORDS = ("Roma", "Milano", "Torino", "Napoli", "Firenze", "Venezia", "Bologna", "Genova", "Palermo", "Bari", "Trieste")
+
+
+def _chats() -> list[tuple[str, str]]:
+    out = []
+    for i, city in enumerate(WORDS):
+        out.append((f"Dove si trova {city}?", f"{city} è in Italia, città numero {i}."))
+        out.append((f"Tell me about {city}.", f"{city} is an Italian city; it has {i + 2} bridges."))
+    return out
+
+
+@pytest.fixture(scope="module")
+def init_export(tmp_path_factory) -> Path:
+    from zagreus.model.config import resolve_model_config
+    from zagreus.model.hf import save_hf
+    from zagreus.model.llama import build_model
+    from zagreus.tokenizer import train_bpe
+
+    tok = train_bpe([q + " " + a for q, a in _chats()] * 5, 400, tmp_path_factory.mktemp("bpe"))
+    cfg = resolve_model_config("tiny", vocab_size=tok.vocab_size, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                               intermediate_size=128, max_seq_len=256, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    return save_hf(build_model(cfg, seed=0), tok, tmp_path_factory.mktemp("init") / "export")
+
+
+def _recipe(folder: Path, stage: str, init: Path, grad_accum: int, **section) -> Path:
+    folder.mkdir(parents=True)
+    chats = _chats()
+    if stage == "sft":
+        rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                for q, a in chats[:21]]
+        # seq_len 128 packs two or three conversations a row: 21 conversations make an odd number of rows.
+        body = {"packing": True, "seq_len": 128, "epochs": 3}
+    else:
+        rows = [{"prompt": chats[i][0], "chosen": chats[i][1], "rejected": chats[i + 1][1]} for i in range(0, 22, 2)]
+        body = {"beta": 0.5, "seq_len": 96, "epochs": 3, "loss": "sigmoid", "label_smoothing": 0.1}
+    (folder / "data.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    body.update({"init": str(init), "datasets": [{"path": "data.jsonl"}], "log_every": 1, "device": "cpu",
+                 "micro_batch": 2 if stage == "dpo" else 1, "grad_accum": grad_accum, "optimizer": {"lr": 3e-3},
+                 "schedule": {"kind": "cosine", "warmup": 2}, "checkpoint": {"every": 2, "keep": 2}}, **section)
+    model = {"preset": "tiny", "overrides": {"hidden_size": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                                             "intermediate_size": 128, "max_seq_len": 256}}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"name": "dist", "run_dir": str(folder / "run"), "model": model,
+                                    "pretrain": {"loss_chunk": 64}, stage: body}))
+    return path
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+def _single(stage: str, recipe: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zagreus.cli", stage, str(recipe)], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+def _torchrun_cmd(stage: str, recipe: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "zagreus.cli",
+            stage, str(recipe)]
+
+
+def _records(stage_dir: Path) -> dict[int, dict]:
+    path = stage_dir / "metrics.jsonl"
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line being written
+            continue
+        out[record["step"]] = record
+    return out
+
+
+KEYS = {"sft": ("loss", "grad_norm", "trained_tokens"),
+        "dpo": ("loss", "grad_norm", "rewards_chosen", "rewards_rejected", "margins", "accuracy")}
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_two_ranks_equal_one_process(stage, init_export, tmp_path):
+    one = _recipe(tmp_path / "one", stage, init_export, grad_accum=2)
+    done = _single(stage, one)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = _recipe(tmp_path / "two", stage, init_export, grad_accum=1)
+    ran = subprocess.run(_torchrun_cmd(stage, two), env=_env(), capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-4000:]
+
+    a, b = _records(tmp_path / "one" / "run" / stage), _records(tmp_path / "two" / "run" / stage)
+    summary_one = json.loads((tmp_path / "one" / "run" / stage / "summary.json").read_text())
+    summary_two = json.loads((tmp_path / "two" / "run" / stage / "summary.json").read_text())
+    steps = summary_one["steps"]
+    assert steps >= 6 and summary_two["steps"] == steps and summary_two["ranks"] == 2
+    if stage == "sft":
+        assert summary_one["rows"] % 2 == 1  # a short step: rank 1 runs the stand-in
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    for step in a:
+        for key in KEYS[stage]:
+            assert abs(a[step][key] - b[step][key]) <= 1e-5, (stage, step, key, a[step][key], b[step][key])
+    assert a[steps]["loss"] < a[1]["loss"] - 0.05  # it learnt something, so equal weights mean something
+    ours = load_file(str(tmp_path / "two" / "run" / stage / "export" / "model.safetensors"))
+    theirs = load_file(str(tmp_path / "one" / "run" / stage / "export" / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.allclose(ours[name], theirs[name], rtol=0, atol=1e-5), (name, (ours[name] - theirs[name]).abs().max())
+    if stage == "dpo":  # the stored reference: both ranks' blocks, equal to the single process's
+        ref_one = torch.load(tmp_path / "one" / "run" / "dpo" / "reference_logprobs.pt", weights_only=True)["logprobs"]
+        ref_two = torch.load(tmp_path / "two" / "run" / "dpo" / "reference_logprobs.pt", weights_only=True)["logprobs"]
+        assert ref_two.shape == (11, 2) and torch.allclose(ref_one, ref_two, rtol=0, atol=1e-5)
+
+
+def test_sigkill_under_torchrun_then_resume(init_export, tmp_path):
+    """torchrun's whole process group killed after a checkpoint, then the same command: every logged
+    loss equals the uninterrupted two-rank run's, bit for bit, no step missing or doubled."""
+    whole = _recipe(tmp_path / "whole", "sft", init_export, grad_accum=1)
+    ran = subprocess.run(_torchrun_cmd("sft", whole), env=_env(), capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-4000:]
+    reference = _records(tmp_path / "whole" / "run" / "sft")
+
+    killed = _recipe(tmp_path / "killed", "sft", init_export, grad_accum=1)
+    stage_dir = tmp_path / "killed" / "run" / "sft"
+    proc = subprocess.Popen(_torchrun_cmd("sft", killed), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and max(_records(stage_dir) or [0]) < 5:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before step 5"
+    # torchrun and both ranks at once (the ranks run in their own process groups).
+    family = [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in family:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                   for pid in family[1:])
+    assert not (stage_dir / "summary.json").exists()
+    again = subprocess.run(_torchrun_cmd("sft", killed), env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "resumed from" in again.stderr
+    got = _records(stage_dir)
+    assert sorted(got) == sorted(reference)
+    for step in reference:
+        assert (got[step]["loss"], got[step]["grad_norm"]) == (reference[step]["loss"], reference[step]["grad_norm"]), step
