@@ -23,6 +23,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_post_resume import _records
 
 WORDS = ("Roma", "Milano", "Torino", "Napoli", "Firenze", "Venezia", "Bologna", "Genova", "Palermo", "Bari", "Trieste")
 
@@ -83,18 +84,6 @@ def _single(stage: str, recipe: Path) -> subprocess.CompletedProcess:
 def _torchrun_cmd(stage: str, recipe: Path) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "zagreus.cli",
             stage, str(recipe)]
-
-
-def _records(stage_dir: Path) -> dict[int, dict]:
-    path = stage_dir / "metrics.jsonl"
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line being written
-            continue
-        out[record["step"]] = record
-    return out
 
 
 KEYS = {"sft": ("loss", "grad_norm", "trained_tokens"),
