@@ -70,6 +70,32 @@ class LoadStats:
         return {"rows": self.rows, "kept": self.kept, "skipped_no_assistant": self.no_assistant,
                 "skipped_malformed": self.malformed, "first_problems": self.first_problems}
 
+    def count(self, outcome: Any) -> Any:
+        """Count one row's `row_outcome`; returns the example, or None for a skipped row."""
+        self.rows += 1
+        if isinstance(outcome, Malformed):
+            self.malformed += 1
+            if len(self.first_problems) < MAX_WARNINGS:
+                self.first_problems.append(str(outcome))
+            return None
+        if outcome is NO_ASSISTANT:
+            self.no_assistant += 1
+            return None
+        self.kept += 1
+        return outcome
+
+    def report(self) -> None:
+        """Log what was skipped; UserError when no row was usable."""
+        if self.malformed:
+            shown = "; ".join(self.first_problems)
+            log.warning("dataset %s: %d malformed row(s) skipped, first: %s", self.name, self.malformed, shown)
+        log.info("dataset %s: %d rows, %d kept, %d without an assistant turn skipped, %d malformed skipped",
+                 self.name, self.rows, self.kept, self.no_assistant, self.malformed)
+        if not self.kept:
+            raise UserError(f"dataset {self.name}: no usable rows ({self.rows} read, {self.no_assistant} without an "
+                            f"assistant turn, {self.malformed} malformed"
+                            f"{': ' + self.first_problems[0] if self.first_problems else ''})")
+
 
 class _Skip(Exception):
     """A row without an assistant turn: counted, not an error."""
@@ -266,39 +292,50 @@ def _strip_prompt(messages: list[dict], prompt: list[dict]) -> list[dict]:
     return messages
 
 
-def load_examples(spec, resolve_path, kind: str) -> tuple[list, LoadStats]:
-    """All examples of one recipe dataset; kind 'sft' or 'dpo'. Logs a summary of what was skipped."""
-    name = spec.name or spec.hub or ", ".join(spec.paths())
-    stats = LoadStats(name)
-    examples: list = []
+class Malformed(str):
+    """The outcome of a malformed row: "file:line: what is wrong"."""
+
+
+NO_ASSISTANT = "no assistant turn"  # the outcome of a row without an assistant turn
+
+
+def dataset_name(spec) -> str:
+    return spec.name or spec.hub or ", ".join(spec.paths())
+
+
+def row_outcome(row: Any, where: str, fmt: str, kind: str) -> Any:
+    """One row read by `dataset_rows`, normalised for `kind` ('sft' or 'dpo'): a ChatExample or
+    PreferenceExample, NO_ASSISTANT, or a Malformed problem. Never raises for a bad row."""
+    try:
+        if isinstance(row, Exception):
+            raise row
+        if kind == "sft":
+            return chat_example(row, fmt, where)
+        if fmt not in ("auto", "preference"):
+            raise ValueError(f"dpo datasets need format preference (prompt/chosen/rejected), not {fmt}")
+        return preference_example(row, where)
+    except _Skip:
+        return NO_ASSISTANT
+    except (ValueError, TypeError, KeyError) as exc:
+        return Malformed(f"{where}: {exc}")
+
+
+def iter_examples(spec, resolve_path, kind: str, stats: LoadStats) -> Iterator:
+    """The usable examples of one recipe dataset, streamed (the first max_examples of them), each
+    row counted into `stats`; call `stats.report()` once the iterator is exhausted."""
     for where, row in dataset_rows(spec, resolve_path):
         if spec.max_examples is not None and stats.kept >= spec.max_examples:
             break
-        stats.rows += 1
-        try:
-            if isinstance(row, Exception):
-                raise row
-            if kind == "sft":
-                examples.append(chat_example(row, spec.format, where))
-            else:
-                if spec.format not in ("auto", "preference"):
-                    raise ValueError(f"dpo datasets need format preference (prompt/chosen/rejected), not {spec.format}")
-                examples.append(preference_example(row, where))
-            stats.kept += 1
-        except _Skip:
-            stats.no_assistant += 1
-        except (ValueError, TypeError, KeyError) as exc:
-            stats.malformed += 1
-            if len(stats.first_problems) < MAX_WARNINGS:
-                stats.first_problems.append(f"{where}: {exc}")
-    if stats.malformed:
-        shown = "; ".join(stats.first_problems)
-        log.warning("dataset %s: %d malformed row(s) skipped, first: %s", name, stats.malformed, shown)
-    log.info("dataset %s: %d rows, %d kept, %d without an assistant turn skipped, %d malformed skipped",
-             name, stats.rows, stats.kept, stats.no_assistant, stats.malformed)
-    if not examples:
-        raise UserError(f"dataset {name}: no usable rows ({stats.rows} read, {stats.no_assistant} without an assistant turn, "
-                        f"{stats.malformed} malformed{': ' + stats.first_problems[0] if stats.first_problems else ''})")
+        example = stats.count(row_outcome(row, where, spec.format, kind))
+        if example is not None:
+            yield example
+
+
+def load_examples(spec, resolve_path, kind: str) -> tuple[list, LoadStats]:
+    """All examples of one recipe dataset; kind 'sft' or 'dpo'. Logs a summary of what was skipped."""
+    stats = LoadStats(dataset_name(spec))
+    examples = list(iter_examples(spec, resolve_path, kind, stats))
+    stats.report()
     return examples, stats
 
 
