@@ -193,7 +193,7 @@ def run_ours(args, work: Path) -> dict:
         seq, _ = to_sequence(r.ids, r.assistant_mask, args.seq_len)
         if any(label != IGNORE for label in seq.labels):
             seqs.append(seq)
-    rows = build_rows(seqs, args.seq_len, packing=True, seed=0)
+    rows = [[seqs[i] for i in row] for row in build_rows([len(s) for s in seqs], args.seq_len, packing=True, seed=0)]
     pad = pad_id(tok)
     device = torch.device("cpu")
     model = load_hf(work / "model", device=device)

@@ -114,11 +114,13 @@ def test_ipo_loss_equals_trl():
 def test_losses_on_a_model_equal_trl_from_logits(tok, loss):
     """Our path (chunked summed log-probs, token counts from the labels) against TRL's from plain logits."""
     from zagreus.post.datasets import preference_example
-    from zagreus.post.dpo import completion_tokens, dpo_loss, pair_batch, sequence_logprobs, tokenize_pair
+    from zagreus.post.common import Sequence
+    from zagreus.post.dpo import Pair, completion_tokens, dpo_loss, pair_batch, pair_encoder, sequence_logprobs
 
     policy, reference = _model(tok, 3).double(), _model(tok, 4).double()
     rows = [{"prompt": q, "chosen": a, "rejected": "Non lo so, davvero."} for q, a in QA[:4]]
-    pairs = [tokenize_pair(preference_example(r, str(i)), tok, "chatml", 128)[0] for i, r in enumerate(rows)]
+    encode = pair_encoder(tok, "chatml", 128)
+    pairs = [Pair(*(Sequence(*seq) for seq in encode(preference_example(r, str(i)))[0])) for i, r in enumerate(rows)]
     tokens, labels = pair_batch(pairs, pad=0, device=torch.device("cpu"))
     beta, n = 0.1, len(pairs)
     with torch.no_grad():

@@ -109,7 +109,8 @@ def _hand_logprob(model, ids: list[int], trained: list[bool]) -> float:
 
 def test_dpo_loss_equals_hand_computation(tok):
     from zagreus.post.datasets import preference_example
-    from zagreus.post.dpo import dpo_loss, pair_batch, sequence_logprobs, tokenize_pair
+    from zagreus.post.common import Sequence
+    from zagreus.post.dpo import Pair, dpo_loss, pair_batch, pair_encoder, sequence_logprobs
 
     policy, reference = _model(tok, seed=3), _model(tok, seed=4)
     rows = [{"prompt": "Qual è la capitale d'Italia?", "chosen": "Roma.", "rejected": "Milano, credo."},
@@ -117,7 +118,8 @@ def test_dpo_loss_equals_hand_computation(tok):
              "chosen": [{"role": "assistant", "content": "Quattro."}], "rejected": [{"role": "assistant", "content": "Cinque."}]}]
     beta = 0.1
     examples = [preference_example(r, f"row {i}") for i, r in enumerate(rows)]
-    pairs = [tokenize_pair(ex, tok, "chatml", 256)[0] for ex in examples]
+    encode = pair_encoder(tok, "chatml", 256)
+    pairs = [Pair(*(Sequence(*seq) for seq in encode(ex)[0])) for ex in examples]
     tokens, labels = pair_batch(pairs, pad=0, device=torch.device("cpu"))
     with torch.no_grad():
         pol = sequence_logprobs(policy, tokens, labels, chunk_tokens=5)

@@ -104,6 +104,7 @@ class StageDir:
     export = property(lambda self: self.root / "export")
     summary = property(lambda self: self.root / "summary.json")
     reference = property(lambda self: self.root / "reference_logprobs.pt")  # DPO's, computed once
+    data = property(lambda self: self.root / "data")  # the datasets tokenized once (post.shards)
 
     def read_summary(self) -> dict:
         return json.loads(self.summary.read_text(encoding="utf-8")) if self.summary.is_file() else {}

@@ -5,6 +5,7 @@ output folder, resume, checkpoints, metrics, summary. The stages differ only in 
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -23,8 +24,8 @@ from zagreus.devices import pick_device
 from zagreus.errors import UserError
 from zagreus.model.hf import save_hf
 from zagreus.post.chat import jinja_template, stop_token_ids
-from zagreus.post.datasets import load_examples, summarize
 from zagreus.post.ranks import Ranks, gathered_model, open_ranks, shard_model
+from zagreus.post.shards import ChatShards, prepare_shards
 from zagreus.recipe import dump_recipe
 from zagreus.rundir import RunDir, StageDir
 from zagreus.train.metrics import last_logged
@@ -61,15 +62,6 @@ def stand_in(pad: int) -> Sequence:
     return Sequence([pad], [IGNORE])
 
 
-def tokenization_report(what: str, kept: int, truncated: int, empty: int, seq_len: int) -> dict:
-    """Log what tokenizing for seq_len cut or dropped, and return the counts for summary.json."""
-    if truncated:
-        log.warning("%d %s(s) longer than seq_len %d were cut at the end", truncated, what, seq_len)
-    if empty:
-        log.warning("%d %s(s) had no trained token within seq_len %d and were dropped", empty, what, seq_len)
-    return {f"{what}s": kept, "truncated": truncated, "dropped_no_trained_token": empty}
-
-
 def open_init(init: str | None, recipe, default: Path, what: str, device: torch.device):
     """(model, tokenizer, path) from `init` (resolved against the recipe) or the default location.
 
@@ -96,9 +88,16 @@ def pad_id(tokenizer) -> int:
     return tokenizer.eos_id
 
 
-def padded_batch(seqs: list[Sequence], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokens, labels [B, T] padded on the right; causal attention never sees the padding."""
-    T = max(len(s) for s in seqs)
+def padded_length(seqs, multiple: int = 1) -> int:
+    """The longest sequence's length, rounded up to `multiple` (tensor parallelism shards T)."""
+    return -(-max(len(s) for s in seqs) // multiple) * multiple
+
+
+def padded_batch(seqs: list[Sequence], pad: int, device: torch.device,
+                 multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens, labels [B, T] padded on the right (T a multiple of `multiple`); causal attention
+    never sees the padding."""
+    T = padded_length(seqs, multiple)
     tokens = torch.full((len(seqs), T), pad, dtype=torch.long)
     labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
     for b, s in enumerate(seqs):
@@ -133,7 +132,7 @@ def export(model, tokenizer, out_dir: Path, template: str, metadata: dict) -> Pa
 
 class EpochTask(Task):
     """A post-training task over a fixed list of examples (rows or pairs), micro_batch x grad_accum x
-    ranks of them per optimizer step for sec.epochs epochs, in an order shuffled per epoch from the
+    data-parallel ranks of them per optimizer step for sec.epochs epochs, in an order shuffled per epoch from the
     seed alone: the data position to save is the step itself. Each rank trains its block of a step
     (zagreus.post.ranks)."""
 
@@ -142,7 +141,7 @@ class EpochTask(Task):
         self.model, self.sec, self.pad, self.ranks, self.chunk = model, sec, pad, ranks, chunk
         self.device = ranks.device
         self.per_rank = sec.micro_batch * sec.grad_accum
-        self.per_step, self.seed = self.per_rank * ranks.world, sec.seed
+        self.per_step, self.seed = self.per_rank * ranks.dp, sec.seed
         self.steps_per_epoch = math.ceil(len(items) / self.per_step)
         self.total_steps = self.steps_per_epoch * sec.epochs
         self._epoch, self._order = -1, []
@@ -159,12 +158,12 @@ class EpochTask(Task):
     def micro_batches(self, step: int) -> tuple[int, list[list[int]], int]:
         """(epoch, this rank's micro-batches of item indices, the step's items over all ranks).
 
-        Under torchrun every rank gets grad_accum micro-batches, empty ones included (the caller
-        runs a stand-in for those); one process skips them."""
+        With data parallelism every rank gets grad_accum micro-batches, empty ones included (the
+        caller runs a stand-in for those); without, empty ones are skipped."""
         epoch, idx = self.picked(step)
         mine, mb = self.ranks.block(idx, self.per_rank), self.sec.micro_batch
         chunks = [mine[i : i + mb] for i in range(0, self.per_rank, mb)]
-        return epoch, chunks if self.ranks.world > 1 else [c for c in chunks if c], len(idx)
+        return epoch, chunks if self.ranks.dp > 1 else [c for c in chunks if c], len(idx)
 
     def state(self) -> dict:
         return {self.what: len(self.items)}
@@ -178,7 +177,7 @@ class EpochTask(Task):
 
 @dataclass
 class StageStart:
-    """What sft and dpo both begin with: their section, stage folder, device, starting model and examples."""
+    """What sft and dpo both begin with: their section, stage folder, ranks, starting model and tokenized data."""
 
     sec: object
     stage: StageDir
@@ -186,13 +185,14 @@ class StageStart:
     model: object
     tokenizer: object
     init_path: Path
-    examples: list
-    stats: list
+    shards: ChatShards
 
 
-def open_stage(recipe, stage: str, default_init: Path, force: bool) -> StageStart | None:
+def open_stage(recipe, stage: str, default_init: Path, force: bool,
+               encoder: Callable[[object, object], Callable]) -> StageStart | None:
     """Check the recipe's `stage` section, open the starting model (sharded over the ranks under
-    torchrun) and read the datasets; None if already finished.
+    torchrun) and the datasets tokenized to disk (`encoder(tokenizer, section)` encodes one
+    example; every rank tokenizes its share the first time); None if already finished.
 
     --force starts over: the stage's checkpoints (and DPO's reference log-probabilities) are removed.
     """
@@ -203,7 +203,7 @@ def open_stage(recipe, stage: str, default_init: Path, force: bool) -> StageStar
         raise UserError(f"{recipe.source_path}: key '{stage}.datasets' is empty; list at least one dataset")
     folder = RunDir(recipe.run_path()).stage(stage)
     device = pick_device(sec.device, int(os.environ.get("LOCAL_RANK", "0")))
-    ranks, dims = open_ranks(stage, sec, device)
+    ranks = open_ranks(stage, sec, device)
     if force:
         if ranks.is_main:
             shutil.rmtree(folder.checkpoints, ignore_errors=True)
@@ -216,13 +216,28 @@ def open_stage(recipe, stage: str, default_init: Path, force: bool) -> StageStar
     model, tok, init_path = open_init(sec.init, recipe, default_init, stage, device)
     if sec.seq_len > model.cfg.max_seq_len:
         raise UserError(f"key '{stage}.seq_len' {sec.seq_len} exceeds the model's context {model.cfg.max_seq_len}; lower it")
-    shard_model(model, dims, sec, device)
-    examples, stats = [], []
+    shard_model(model, ranks, stage, sec)
+    shards = prepare_shards(folder.data, data_key(recipe, sec, tok), sec.datasets, recipe.resolve_path, stage,
+                            encoder(tok, sec), rank=ranks.rank, world=ranks.world, barrier=ranks.barrier)
+    if not len(shards):
+        what = "conversation has an assistant token" if stage == "sft" else "pair has completion tokens"
+        raise UserError(f"{stage}: no {what} within seq_len; raise {stage}.seq_len")
+    return StageStart(sec, folder, ranks, model, tok, init_path, shards)
+
+
+def data_key(recipe, sec, tokenizer) -> dict:
+    """What the stage's tokenized data is made from: datasets (with the size and time of every local
+    file, so an edited file is tokenized again), template, seq_len and tokenizer."""
+    files = []
     for spec in sec.datasets:
-        ex, st = load_examples(spec, recipe.resolve_path, stage)
-        examples += ex
-        stats.append(st)
-    return StageStart(sec, folder, ranks, model, tok, init_path, examples, stats)
+        for pattern in spec.paths() if spec.hub is None else []:
+            for f in sorted(glob.glob(str(recipe.resolve_path(pattern)))):
+                for p in sorted(Path(f).rglob("*")) if Path(f).is_dir() else [Path(f)]:
+                    if p.is_file():
+                        st = p.stat()
+                        files.append([str(p), st.st_size, st.st_mtime_ns])
+    return {"datasets": [d.model_dump(mode="json") for d in sec.datasets], "files": files, "template": sec.template,
+            "seq_len": sec.seq_len, "tokenizer": tokenizer.identity()}
 
 
 def train_stage(recipe, start: StageStart, task: EpochTask, summary: Callable[[dict], dict]) -> Path | None:
@@ -263,7 +278,7 @@ def train_stage(recipe, start: StageStart, task: EpochTask, summary: Callable[[d
         export(whole, start.tokenizer, folder.export, sec.template, {"stage": name, "init": str(start.init_path)})
         facts = {"finished": True, "stage": name, "init": str(start.init_path), "template": sec.template,
                  "steps": task.total_steps, "epochs": sec.epochs, "ranks": ranks.world, **summary(last),
-                 "data": summarize(start.stats), "export": str(folder.export)}
+                 **start.shards.stats, "export": str(folder.export)}
         folder.summary.write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
     ranks.barrier()  # the export is complete before any rank returns it
     return folder.export

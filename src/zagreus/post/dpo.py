@@ -35,10 +35,11 @@ from zagreus.devices import autocast
 from zagreus.errors import UserError
 from zagreus.post.chat import render
 from zagreus.post.common import (
-    IGNORE, EpochTask, Sequence, StageStart, open_stage, pad_id, padded_batch, stand_in, to_sequence,
-    tokenization_report, train_stage,
+    IGNORE, EpochTask, Sequence, StageStart, open_stage, pad_id, padded_batch, stand_in, to_sequence, train_stage,
 )
+from zagreus.post.datasets import PreferenceExample
 from zagreus.post.ranks import Ranks, reshard
+from zagreus.post.shards import ChatShards, Encoded
 from zagreus.rundir import RunDir
 from zagreus.train.losses import token_logprobs
 from zagreus.train.trainer import StepResult
@@ -52,34 +53,36 @@ class Pair:
     rejected: Sequence
 
 
-def tokenize_pair(ex, tokenizer, template: str, seq_len: int) -> tuple[Pair, bool]:
-    """Render prompt+chosen and prompt+rejected; only the completion's assistant tokens are trained."""
-    prompt_len = len(render(ex.prompt, tokenizer, template, tools=ex.tools).ids)
-    seqs, cut = [], False
-    for completion in (ex.chosen, ex.rejected):
-        full = render(ex.prompt + completion, tokenizer, template, tools=ex.tools)
-        # Every turn ends in a special token, so the prompt's ids are a prefix of the full ones.
-        trained = [m and i >= prompt_len for i, m in enumerate(full.assistant_mask)]
-        seq, truncated = to_sequence(full.ids, trained, seq_len)
-        seqs.append(seq)
-        cut |= truncated
-    return Pair(*seqs), cut
+def pair_encoder(tokenizer, template: str, seq_len: int) -> Callable[[PreferenceExample], Encoded]:
+    """prompt+chosen and prompt+rejected rendered with the template, only the completion's assistant
+    tokens trained, each cut to seq_len; none when either side has nothing left to learn."""
+    def encode(ex: PreferenceExample) -> Encoded:
+        prompt_len = len(render(ex.prompt, tokenizer, template, tools=ex.tools).ids)
+        seqs, cut = [], False
+        for completion in (ex.chosen, ex.rejected):
+            full = render(ex.prompt + completion, tokenizer, template, tools=ex.tools)
+            # Every turn ends in a special token, so the prompt's ids are a prefix of the full ones.
+            trained = [m and i >= prompt_len for i, m in enumerate(full.assistant_mask)]
+            seq, truncated = to_sequence(full.ids, trained, seq_len)
+            seqs.append((seq.ids, seq.labels))
+            cut |= truncated
+        empty = any(all(x == IGNORE for x in labels) for _, labels in seqs)
+        return ([] if empty else seqs), cut
+    return encode
 
 
-def tokenize_pairs(examples, tokenizer, template: str, seq_len: int) -> tuple[list[Pair], dict]:
-    pairs, truncated, empty = [], 0, 0
-    for ex in examples:
-        pair, cut = tokenize_pair(ex, tokenizer, template, seq_len)
-        truncated += cut
-        if all(x == IGNORE for x in pair.chosen.labels) or all(x == IGNORE for x in pair.rejected.labels):
-            empty += 1
-            continue
-        pairs.append(pair)
-    return pairs, tokenization_report("pair", len(pairs), truncated, empty, seq_len)
+def pair_of(shards: ChatShards, i: int) -> Pair:
+    return Pair(*(Sequence(ids, labels) for ids, labels in shards.item(i)))
 
 
-def sequence_logprobs(model, tokens: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
-    """Summed log-probability of the labelled targets of each row ([B]); padding is on the right."""
+def sequence_logprobs(model, tokens: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096,
+                      vocab_parallel: bool = False) -> torch.Tensor:
+    """Summed log-probability of the labelled targets of each row ([B]); padding is on the right.
+    vocab_parallel: a tensor-parallel model's vocabulary-sharded logits (call inside loss_parallel)."""
+    if vocab_parallel:
+        logits = model(tokens)
+        nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
+        return -nll.to_local().view(labels.shape).float().sum(-1)
     hidden = model(tokens, return_hidden=True)
     lp = token_logprobs(hidden, model.lm_head.weight, labels, chunk_tokens, ignore_index=IGNORE)
     return lp.float().sum(-1)
@@ -110,13 +113,13 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
 
 
-def pair_batch(pairs: list[Pair], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_batch(pairs: list[Pair], pad: int, device: torch.device, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen sequences first, then rejected, in one padded batch (one forward pass for both)."""
-    return padded_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad, device)
+    return padded_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad, device, multiple)
 
 
 @torch.no_grad()
-def reference_logprobs(model, pairs: list[Pair], micro_batch: int, pad: int, ranks: Ranks,
+def reference_logprobs(model, pairs: ChatShards, micro_batch: int, pad: int, ranks: Ranks,
                        chunk_tokens: int = 4096) -> torch.Tensor:
     """[N, 2] (chosen, rejected) log-probabilities of every pair under the model as it is now.
 
@@ -125,33 +128,34 @@ def reference_logprobs(model, pairs: list[Pair], micro_batch: int, pad: int, ran
     was_training = model.training
     model.eval()
     n = len(pairs)
-    block = math.ceil(math.ceil(n / ranks.world) / micro_batch) * micro_batch
+    block = math.ceil(math.ceil(n / ranks.dp) / micro_batch) * micro_batch
     mine = ranks.block(list(range(n)), block)
     out = torch.zeros(block, 2, dtype=torch.float64)
     for start in tqdm(range(0, block, micro_batch), desc="dpo reference", unit="batch", disable=None):
         idx = mine[start : start + micro_batch]
-        if not idx and ranks.world == 1:
+        if not idx and ranks.dp == 1:
             break
-        chunk = [pairs[i] for i in idx] or [Pair(stand_in(pad), stand_in(pad))]
-        tokens, labels = pair_batch(chunk, pad, ranks.device)
-        with autocast(ranks.device):
-            lp = sequence_logprobs(model, tokens, labels, chunk_tokens).double().cpu()
+        chunk = [pair_of(pairs, i) for i in idx] or [Pair(stand_in(pad), stand_in(pad))]
+        tokens, labels = pair_batch(chunk, pad, ranks.device, ranks.tp)
+        with autocast(ranks.device), ranks.loss_context():
+            lp = sequence_logprobs(model, tokens, labels, chunk_tokens, ranks.tp > 1).double().cpu()
         k = len(idx)
         out[start : start + k, 0] = lp[:k]
         out[start : start + k, 1] = lp[len(chunk):len(chunk) + k]
     model.train(was_training)
-    if ranks.world > 1:
+    if ranks.dp > 1:
         reshard(model)
     return ranks.all_gather(out)[:n]
 
 
-def stored_reference(start: StageStart, pairs: list[Pair], pad: int, chunk: int) -> torch.Tensor:
+def stored_reference(start: StageStart, pad: int, chunk: int) -> torch.Tensor:
     """The reference log-probabilities: computed once from the starting model and kept in the stage folder.
 
     A resumed run must use the starting model's values, and the model in memory is then already
     restored from a checkpoint, so the file is written before the first update and read after.
     """
     path = start.stage.reference
+    pairs = start.shards
     key = {"init": str(start.init_path), "pairs": len(pairs)}
     if path.is_file():
         saved = torch.load(path, weights_only=True)
@@ -176,30 +180,31 @@ class DPOTask(EpochTask):
 
     unit = "pairs"
 
-    def __init__(self, model, pairs: list[Pair], ref: torch.Tensor, sec, pad: int, ranks: Ranks, chunk: int):
+    def __init__(self, model, pairs: ChatShards, ref: torch.Tensor, sec, pad: int, ranks: Ranks, chunk: int):
         super().__init__("dpo", pairs, "pairs", model, sec, pad, ranks, chunk)
         self.ref = ref  # [pairs, 2] reference log-probabilities of (chosen, rejected)
 
     def step(self, step: int) -> StepResult:
         epoch, chunks, n_pairs = self.micro_batches(step)
         sums = torch.zeros(5, dtype=torch.float64)  # loss, chosen and rejected rewards, margins, correct
-        for mb in chunks:
-            pairs = [self.items[i] for i in mb] or [Pair(stand_in(self.pad), stand_in(self.pad))]
-            tokens, labels = pair_batch(pairs, self.pad, self.device)
-            with autocast(self.device):
-                lp = sequence_logprobs(self.model, tokens, labels, self.chunk)
-            if not mb:  # a stand-in: joins the collectives, adds nothing
-                (lp.sum() * 0).backward()
-                continue
-            n, counts = len(mb), completion_tokens(labels).to(lp.dtype)
-            r = self.ref[mb].to(device=self.device, dtype=lp.dtype)
-            loss, cr, rr = dpo_loss(lp[:n], lp[n:], r[:, 0], r[:, 1], self.sec.beta, self.sec.loss,
-                                    self.sec.label_smoothing, counts[:n], counts[n:])
-            # Mean over the step's pairs, however they fall into micro-batches and ranks
-            # (data parallelism averages gradients over the ranks, hence x world).
-            (loss.sum() * self.ranks.world / n_pairs).backward()
-            sums += torch.stack([loss.detach().sum(), cr.sum(), rr.sum(), (cr - rr).sum(),
-                                 (cr > rr).sum()]).double().cpu()
+        with self.ranks.loss_context():
+            for mb in chunks:
+                pairs = [pair_of(self.items, i) for i in mb] or [Pair(stand_in(self.pad), stand_in(self.pad))]
+                tokens, labels = pair_batch(pairs, self.pad, self.device, self.ranks.tp)
+                with autocast(self.device):
+                    lp = sequence_logprobs(self.model, tokens, labels, self.chunk, self.ranks.tp > 1)
+                if not mb:  # a stand-in: joins the collectives, adds nothing
+                    (lp.sum() * 0).backward()
+                    continue
+                n, counts = len(mb), completion_tokens(labels).to(lp.dtype)
+                r = self.ref[mb].to(device=self.device, dtype=lp.dtype)
+                loss, cr, rr = dpo_loss(lp[:n], lp[n:], r[:, 0], r[:, 1], self.sec.beta, self.sec.loss,
+                                        self.sec.label_smoothing, counts[:n], counts[n:])
+                # Mean over the step's pairs, however they fall into micro-batches and ranks
+                # (data parallelism averages gradients over the ranks, hence x dp).
+                (loss.sum() * self.ranks.dp / n_pairs).backward()
+                sums += torch.stack([loss.detach().sum(), cr.sum(), rr.sum(), (cr - rr).sum(),
+                                     (cr > rr).sum()]).double().cpu()
         loss, chosen, rejected, margins, correct = (self.ranks.all_sum(sums) / n_pairs).tolist()
         return StepResult(torch.tensor(loss), n_pairs, {
             "epoch": epoch, "rewards_chosen": chosen, "rewards_rejected": rejected, "margins": margins,
@@ -212,21 +217,19 @@ FINAL_KEYS = ("loss", "rewards_chosen", "rewards_rejected", "margins", "accuracy
 def run_dpo(recipe, force: bool = False) -> Path | None:
     """The `zagreus dpo` stage; returns the export folder, or None when SIGTERM stopped it (resume by rerunning)."""
     run = RunDir(recipe.run_path())
-    start = open_stage(recipe, "dpo", run.stage("sft").export, force)
+    start = open_stage(recipe, "dpo", run.stage("sft").export, force,
+                       lambda tok, sec: pair_encoder(tok, sec.template, sec.seq_len))
     if start is None:
         return run.stage("dpo").export
-    sec, tok = start.sec, start.tokenizer
-    pairs, tok_stats = tokenize_pairs(start.examples, tok, sec.template, sec.seq_len)
-    if not pairs:
-        raise UserError("dpo: no pair has completion tokens within seq_len; raise dpo.seq_len")
+    sec, tok, pairs = start.sec, start.tokenizer, start.shards
     pad, chunk = pad_id(tok), recipe.pretrain.loss_chunk
-    ref = stored_reference(start, pairs, pad, chunk)
+    ref = stored_reference(start, pad, chunk)
     task = DPOTask(start.model, pairs, ref, sec, pad, start.ranks, chunk)
     log.info("dpo: %d pairs, %d steps per epoch x %d epochs, %s loss, beta %g%s", len(pairs), task.steps_per_epoch,
              sec.epochs, sec.loss, sec.beta, f", label smoothing {sec.label_smoothing:g}" if sec.label_smoothing else "")
     export_dir = train_stage(recipe, start, task, lambda last: {
         "loss_type": sec.loss, "beta": sec.beta, "label_smoothing": sec.label_smoothing,
-        "final": {k: last[k] for k in FINAL_KEYS}, "tokenized": tok_stats,
+        "final": {k: last[k] for k in FINAL_KEYS},
         "reference_logprobs_mean": {"chosen": float(ref[:, 0].mean()), "rejected": float(ref[:, 1].mean())}})
     if export_dir is not None:
         log.info("dpo: done, %d steps, export %s", task.total_steps, export_dir)

@@ -1,23 +1,27 @@
-"""Data parallelism for SFT and DPO under torchrun: which rank trains which examples, the model in
-its FSDP2 form, and the few collectives the stages need.
+"""Data and tensor parallelism for SFT and DPO under torchrun: which rank trains which examples,
+the model in its distributed form, and the few collectives the stages need.
 
-Every rank opens the whole starting model (identical on all of them), then FSDP2 shards it in
-place over `<stage>.parallel` (dp_shard, dp_replicate on one mesh; tp and pp are refused: the
-packed document masks and per-conversation RoPE positions are not sharded along the sequence).
-An optimizer step takes micro_batch x grad_accum x world examples; rank r trains the r-th
-contiguous block of them, cut into grad_accum micro-batches, which are exactly the micro-batches
-a single process with grad_accum x world would run. A rank whose block is short (the last step
-of an epoch) runs an empty stand-in micro-batch, because FSDP2's collectives need every rank in
-every forward and backward. Losses are normalised by counts summed over all ranks, and FSDP2
-averages gradients over the world, so each rank's backward is scaled by the world size: the
-update is the single process's, up to the order of float additions.
+Every rank opens the whole starting model (identical on all of them); `shard_model` then turns it
+in place into its distributed form over `<stage>.parallel`, as pretraining does: TP first
+(Megatron-style with sequence-parallel norms, logits sharded on the vocabulary and the loss
+computed loss-parallel), then FSDP2 over dp_shard x dp_replicate. pp is refused (a pipeline would
+have to carry the packed document masks and positions between stages).
+
+An optimizer step takes micro_batch x grad_accum x dp examples; data-parallel rank r trains the
+r-th contiguous block of them (the ranks of one TP group train the same block), cut into
+grad_accum micro-batches, which are exactly the micro-batches a single process with
+grad_accum x dp would run. A rank whose block is short (the last step of an epoch) runs an empty
+stand-in micro-batch, because FSDP2's collectives need every rank in every forward and backward.
+Losses are normalised by counts summed over the data-parallel ranks, and FSDP2 averages gradients
+over them, so each backward is scaled by dp: the update is the single process's, up to the order
+of float additions. Batches are padded to a multiple of tp, which sequence parallelism shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -30,66 +34,92 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Ranks:
-    """This process's place in the data-parallel world (rank 0 of 1 without torchrun)."""
+    """This process's place in the world (rank 0 of 1 without torchrun)."""
 
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    dp_rank: int = 0
+    dp: int = 1
+    tp: int = 1
+    dims: object = None  # zagreus.train.parallel.ParallelDims under torchrun
+    mesh: object = field(default=None, repr=False)  # its DeviceMesh
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def _dp_group(self):
+        from zagreus.train.parallel import dp_mesh
+
+        return dp_mesh(self.mesh).get_group()
+
     def block(self, items: list, per_rank: int) -> list:
-        """This rank's contiguous share of a step's items (empty when the step is short)."""
-        return items[self.rank * per_rank : (self.rank + 1) * per_rank]
+        """This data-parallel rank's contiguous share of a step's items (empty when the step is short)."""
+        return items[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
 
     def all_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """The element-wise sum over ranks (float64 kept), on the CPU."""
-        if self.world == 1:
+        """The element-wise sum over the data-parallel ranks (float64 kept), on the CPU."""
+        if self.dp == 1:
             return values
         t = values.to(self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self._dp_group())
         return t.cpu()
 
     def all_gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """Every rank's `rows` (the same shape on all ranks) stacked in rank order along dim 0."""
-        if self.world == 1:
+        """Every data-parallel rank's `rows` (the same shape on all) stacked in rank order along dim 0."""
+        if self.dp == 1:
             return rows
-        parts = [torch.empty_like(rows, device=self.device) for _ in range(self.world)]
-        dist.all_gather(parts, rows.to(self.device))
+        parts = [torch.empty_like(rows, device=self.device) for _ in range(self.dp)]
+        dist.all_gather(parts, rows.to(self.device), group=self._dp_group())
         return torch.cat([p.cpu() for p in parts])
 
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
 
+    def loss_context(self) -> contextlib.AbstractContextManager:
+        """Around forward and backward: with tp > 1 the vocabulary-sharded logits' cross-entropy."""
+        if self.tp == 1:
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
 
-def open_ranks(stage: str, sec, device: torch.device) -> tuple[Ranks, object]:
-    """(ranks, dims) from torchrun's environment and `<stage>.parallel`; initialises torch.distributed."""
+        return loss_parallel()
+
+
+def open_ranks(stage: str, sec, device: torch.device) -> Ranks:
+    """The ranks from torchrun's environment and `<stage>.parallel`; initialises torch.distributed."""
     from zagreus.train.loop import init_distributed
-    from zagreus.train.parallel import ParallelDims
+    from zagreus.train.parallel import ParallelDims, build_mesh, dp_mesh
 
     info = init_distributed(device.type)
     par = sec.parallel
-    if par.tp > 1 or par.pp > 1:
-        raise UserError(f"{stage}.parallel: tp and pp are for pretraining; post-training is data-parallel only. "
-                        f"Set {stage}.parallel.tp and .pp to 1 (dp_shard: -1 shards over every rank)")
-    dims = ParallelDims.resolve(par.dp_replicate, par.dp_shard, 1, 1, world_size=info.world, where=f"{stage}.parallel")
-    return Ranks(info.rank, info.world, device), dims
+    if par.pp > 1:
+        raise UserError(f"{stage}.parallel.pp: pipeline parallelism is for pretraining; post-training runs dp_shard, "
+                        f"dp_replicate and tp. Set {stage}.parallel.pp to 1")
+    dims = ParallelDims.resolve(par.dp_replicate, par.dp_shard, par.tp, 1, world_size=info.world,
+                                where=f"{stage}.parallel")
+    if info.world == 1:
+        return Ranks(device=device)
+    mesh = build_mesh(dims, device.type)
+    return Ranks(info.rank, info.world, device, dp_mesh(mesh).get_local_rank(), dims.dp, dims.tp, dims, mesh)
 
 
-def shard_model(model: nn.Module, dims, sec, device: torch.device) -> None:
-    """FSDP2 (or replication) of the loaded model in place, over every rank."""
-    if dims.world_size == 1:
+def shard_model(model: nn.Module, ranks: Ranks, stage: str, sec) -> None:
+    """The loaded model in its distributed form, in place: TP, then FSDP2 (or replication)."""
+    if ranks.world == 1:
         return
-    from zagreus.train.parallel import apply_data_parallel, build_mesh, resolve_param_dtype
+    from zagreus.train.parallel import apply_data_parallel, apply_tp, resolve_param_dtype
 
-    par = sec.parallel
-    apply_data_parallel(model, dims, build_mesh(dims, device.type), resolve_param_dtype(par.param_dtype, device),
-                        getattr(torch, par.reduce_dtype))
-    log.info("data parallel over %d ranks (%s), this is rank %s", dims.world_size, dims,
-             os.environ.get("RANK", "0"))
+    dims, par = ranks.dims, sec.parallel
+    dims.check_model(model.cfg, None, where=f"{stage}.parallel")
+    if dims.tp > 1:
+        apply_tp(model, ranks.mesh["tp"], loss_parallel=True)
+    if dims.dp > 1:
+        apply_data_parallel(model, dims, ranks.mesh, resolve_param_dtype(par.param_dtype, ranks.device),
+                            getattr(torch, par.reduce_dtype))
+    log.info("%s over %d ranks (%s); this is rank %d, data-parallel rank %d", stage, ranks.world, dims, ranks.rank,
+             ranks.dp_rank)
 
 
 def reshard(model: nn.Module) -> None:
@@ -115,6 +145,6 @@ def gathered_model(model: nn.Module, ranks: Ranks) -> nn.Module | None:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not ranks.is_main:
         return None
-    whole = build_model(model.cfg)
+    whole = build_model(model.cfg, seed=None)
     whole.load_state_dict(state)
     return whole

@@ -21,17 +21,19 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from zagreus.devices import autocast
-from zagreus.errors import UserError
 from zagreus.post.chat import render
+from zagreus.post.datasets import ChatExample
 from zagreus.post.ranks import Ranks
+from zagreus.post.shards import ChatShards, Encoded
 from zagreus.rundir import RunDir
 from zagreus.post.common import (
-    IGNORE, EpochTask, Sequence, open_stage, pad_id, padded_batch, stand_in, to_sequence, tokenization_report,
-    train_stage,
+    IGNORE, EpochTask, Sequence, open_stage, pad_id, padded_batch, stand_in, to_sequence, train_stage,
 )
 from zagreus.train.losses import chunked_cross_entropy
 from zagreus.train.trainer import StepResult
@@ -56,18 +58,14 @@ class Batch:
         return int((self.labels != IGNORE).sum())
 
 
-def tokenize_examples(examples, tokenizer, template: str, seq_len: int) -> tuple[list[Sequence], dict]:
-    """Render every conversation; counts truncated ones and drops those left with nothing to learn."""
-    seqs, truncated, empty = [], 0, 0
-    for ex in examples:
+def conversation_encoder(tokenizer, template: str, seq_len: int) -> Callable[[ChatExample], Encoded]:
+    """One conversation rendered with the template into its (ids, targets), cut to seq_len; none
+    when nothing is left to learn (zagreus.post.shards counts those)."""
+    def encode(ex: ChatExample) -> Encoded:
         r = render(ex.messages, tokenizer, template, tools=ex.tools)
         seq, cut = to_sequence(r.ids, r.assistant_mask, seq_len)
-        truncated += cut
-        if all(label == IGNORE for label in seq.labels):
-            empty += 1
-            continue
-        seqs.append(seq)
-    return seqs, tokenization_report("conversation", len(seqs), truncated, empty, seq_len)
+        return ([] if all(label == IGNORE for label in seq.labels) else [(seq.ids, seq.labels)]), cut
+    return encode
 
 
 def pack(lengths: list[int], seq_len: int) -> list[list[int]]:
@@ -83,9 +81,10 @@ def pack(lengths: list[int], seq_len: int) -> list[list[int]]:
     return rows
 
 
-def packed_batch(rows: list[list[Sequence]], pad: int, device: torch.device) -> Batch:
-    """Rows of several conversations each, with document masking and per-conversation positions."""
-    T = max(sum(len(s) for s in row) for row in rows)
+def packed_batch(rows: list[list[Sequence]], pad: int, device: torch.device, multiple: int = 1) -> Batch:
+    """Rows of several conversations each, with document masking and per-conversation positions
+    (T a multiple of `multiple`)."""
+    T = -(-max(sum(len(s) for s in row) for row in rows) // multiple) * multiple
     B = len(rows)
     tokens = torch.full((B, T), pad, dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
@@ -107,27 +106,35 @@ def packed_batch(rows: list[list[Sequence]], pad: int, device: torch.device) -> 
     return Batch(tokens.to(device), labels.to(device), positions.to(device), mask[:, None].to(device), doc.to(device))
 
 
-def make_batch(rows: list[list[Sequence]], pad: int, device: torch.device, packing: bool) -> Batch:
+def make_batch(rows: list[list[Sequence]], pad: int, device: torch.device, packing: bool, multiple: int = 1) -> Batch:
     if packing:
-        return packed_batch(rows, pad, device)
-    tokens, labels = padded_batch([row[0] for row in rows], pad, device)
+        return packed_batch(rows, pad, device, multiple)
+    tokens, labels = padded_batch([row[0] for row in rows], pad, device, multiple)
     return Batch(tokens, labels)
 
 
-def token_losses(model, batch: Batch, chunk_tokens: int = 4096, reduction: str = "none") -> torch.Tensor:
-    """Cross-entropy of every target ([B, T], 0 where ignored), or its sum."""
+def token_losses(model, batch: Batch, chunk_tokens: int = 4096, reduction: str = "none",
+                 vocab_parallel: bool = False) -> torch.Tensor:
+    """Cross-entropy of every target ([B, T], 0 where ignored), or its sum. vocab_parallel: the
+    model is tensor-parallel and its logits sharded on the vocabulary (call inside loss_parallel)."""
+    if vocab_parallel:
+        logits = model(batch.tokens, positions=batch.positions, mask=batch.mask)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE, reduction=reduction)
+        loss = loss.to_local()  # replicated over the TP group
+        return loss if reduction == "sum" else loss.view(batch.labels.shape)
     hidden = model(batch.tokens, positions=batch.positions, mask=batch.mask, return_hidden=True)
     return chunked_cross_entropy(hidden, model.lm_head.weight, batch.labels, chunk_tokens, ignore_index=IGNORE,
                                  reduction=reduction)
 
 
-def build_rows(seqs: list[Sequence], seq_len: int, packing: bool, seed: int) -> list[list[Sequence]]:
-    order = list(range(len(seqs)))
+def build_rows(lengths, seq_len: int, packing: bool, seed: int) -> list[list[int]]:
+    """Rows of conversation indices, in an order shuffled from the seed: one each, or packed next-fit."""
+    order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     if not packing:
-        return [[seqs[i]] for i in order]
-    rows = pack([len(seqs[i]) for i in order], seq_len)
-    return [[seqs[order[j]] for j in row] for row in rows]
+        return [[i] for i in order]
+    rows = pack([int(lengths[i]) for i in order], seq_len)
+    return [[order[j] for j in row] for row in rows]
 
 
 class SFTTask(EpochTask):
@@ -135,43 +142,45 @@ class SFTTask(EpochTask):
 
     unit = "tokens"
 
-    def __init__(self, model, rows: list[list[Sequence]], sec, pad: int, ranks: Ranks, chunk: int):
+    def __init__(self, model, shards: ChatShards, rows: list[list[int]], sec, pad: int, ranks: Ranks, chunk: int):
         super().__init__("sft", rows, "rows", model, sec, pad, ranks, chunk)
+        self.shards = shards
+
+    def row(self, r: int) -> list[Sequence]:
+        return [Sequence(*self.shards.item(i)[0]) for i in self.items[r]]
 
     def step(self, step: int) -> StepResult:
         epoch, chunks, _ = self.micro_batches(step)
-        micro = [make_batch([self.items[i] for i in chunk] if chunk else [[stand_in(self.pad)]], self.pad, self.device,
-                            self.sec.packing) for chunk in chunks]
+        micro = [make_batch([self.row(r) for r in chunk] if chunk else [[stand_in(self.pad)]], self.pad, self.device,
+                            self.sec.packing, self.ranks.tp) for chunk in chunks]
         counts = self.ranks.all_sum(torch.tensor([sum(b.trained_tokens for b in micro),
                                                   sum(b.tokens.numel() for b in micro)], dtype=torch.float64))
         n_trained = int(counts[0])
         total = torch.zeros((), dtype=torch.float64)
-        for b in micro:
-            with autocast(self.device):
-                loss_sum = token_losses(self.model, b, self.chunk, reduction="sum")
-            # Mean over the step's trained tokens, however they fall into micro-batches and ranks
-            # (data parallelism averages gradients over the ranks, hence x world).
-            (loss_sum * self.ranks.world / n_trained).backward()
-            total += loss_sum.detach().double().cpu()
+        with self.ranks.loss_context():
+            for b in micro:
+                with autocast(self.device):
+                    loss_sum = token_losses(self.model, b, self.chunk, reduction="sum", vocab_parallel=self.ranks.tp > 1)
+                # Mean over the step's trained tokens, however they fall into micro-batches and ranks
+                # (data parallelism averages gradients over the ranks, hence x dp).
+                (loss_sum * self.ranks.dp / n_trained).backward()
+                total += loss_sum.detach().double().cpu()
         total = self.ranks.all_sum(total)
         return StepResult(total / n_trained, int(counts[1]), {"epoch": epoch, "trained_tokens": n_trained})
 
 
 def run_sft(recipe, force: bool = False) -> Path | None:
     """The `zagreus sft` stage; returns the export folder, or None when SIGTERM stopped it (resume by rerunning)."""
-    start = open_stage(recipe, "sft", recipe.run_path(), force)
+    start = open_stage(recipe, "sft", recipe.run_path(), force,
+                       lambda tok, sec: conversation_encoder(tok, sec.template, sec.seq_len))
     if start is None:
         return RunDir(recipe.run_path()).stage("sft").export
-    sec, tok = start.sec, start.tokenizer
-    seqs, tok_stats = tokenize_examples(start.examples, tok, sec.template, sec.seq_len)
-    if not seqs:
-        raise UserError("sft: no conversation has an assistant token within seq_len; raise sft.seq_len")
-    rows = build_rows(seqs, sec.seq_len, sec.packing, sec.seed)
-    task = SFTTask(start.model, rows, sec, pad_id(tok), start.ranks, recipe.pretrain.loss_chunk)
-    log.info("sft: %d conversations in %d rows (%s), %d steps per epoch x %d epochs", len(seqs), len(rows),
+    sec, tok, shards = start.sec, start.tokenizer, start.shards
+    rows = build_rows(shards.lengths[:, 0], sec.seq_len, sec.packing, sec.seed)
+    task = SFTTask(start.model, shards, rows, sec, pad_id(tok), start.ranks, recipe.pretrain.loss_chunk)
+    log.info("sft: %d conversations in %d rows (%s), %d steps per epoch x %d epochs", len(shards), len(rows),
              "packed" if sec.packing else "padded", task.steps_per_epoch, sec.epochs)
-    export_dir = train_stage(recipe, start, task,
-                             lambda last: {"rows": len(rows), "final_loss": last["loss"], "tokenized": tok_stats})
+    export_dir = train_stage(recipe, start, task, lambda last: {"rows": len(rows), "final_loss": last["loss"]})
     if export_dir is not None:
         log.info("sft: done, %d steps, export %s", task.total_steps, export_dir)
     return export_dir

@@ -102,9 +102,9 @@ class ParallelDims:
                             "2.13 (AOTAutograd cannot save DTensor metadata in a checkpointed region); set "
                             "activation_checkpointing: false or compile: false, or use dp_shard instead of tp")
 
-    def check_model(self, cfg: ModelConfig, seq_len: int) -> None:
-        """Shapes every degree must divide, checked before any process allocates anything."""
-        where = "pretrain.parallel"
+    def check_model(self, cfg: ModelConfig, seq_len: int | None, where: str = "pretrain.parallel") -> None:
+        """Shapes every degree must divide, checked before any process allocates anything (seq_len
+        None: the batches are padded to a multiple of tp, as post-training's are)."""
         if self.tp > 1:
             for name, value in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads),
                                 ("intermediate_size", cfg.intermediate_size), ("vocab_size", cfg.vocab_size),
@@ -112,7 +112,7 @@ class ParallelDims:
                 if value % self.tp:
                     raise UserError(f"{where}.tp = {self.tp} does not divide the model's {name} ({value}); "
                                     f"choose a tp that divides it (or 1)")
-            if seq_len % self.tp:
+            if seq_len is not None and seq_len % self.tp:
                 raise UserError(f"{where}.tp = {self.tp} does not divide pretrain.seq_len ({seq_len}), which sequence "
                                 f"parallelism shards; pick a seq_len that is a multiple of tp")
         if self.pp > 1:
