@@ -144,7 +144,7 @@ def test_recipe_not_utf8_names_line_and_column(tmp_path):
 
 
 def test_chat_file_not_utf8_names_line_and_column(tmp_path):
-    from zagreus.post.datasets import load_examples
+    from test_post_train import load_examples
     from zagreus.recipe import ChatDataset
 
     path = tmp_path / "chat.jsonl"

@@ -196,7 +196,8 @@ def sft_data(tmp_path_factory) -> list[dict]:
 
 def _in_memory(specs: list[dict], kind: str, tok, seq_len: int = SEQ_LEN):
     """The in-memory path: every example of load_examples encoded in a list, and its counts."""
-    from zagreus.post.datasets import load_examples, summarize
+    from test_post_train import load_examples
+    from zagreus.post.datasets import summarize
     from zagreus.recipe import ChatDataset
 
     encode, items, stats = encoder(tok, kind, seq_len), [], []

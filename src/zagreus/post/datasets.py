@@ -320,25 +320,6 @@ def row_outcome(row: Any, where: str, fmt: str, kind: str) -> Any:
         return Malformed(f"{where}: {exc}")
 
 
-def iter_examples(spec, resolve_path, kind: str, stats: LoadStats) -> Iterator:
-    """The usable examples of one recipe dataset, streamed (the first max_examples of them), each
-    row counted into `stats`; call `stats.report()` once the iterator is exhausted."""
-    for where, row in dataset_rows(spec, resolve_path):
-        if spec.max_examples is not None and stats.kept >= spec.max_examples:
-            break
-        example = stats.count(row_outcome(row, where, spec.format, kind))
-        if example is not None:
-            yield example
-
-
-def load_examples(spec, resolve_path, kind: str) -> tuple[list, LoadStats]:
-    """All examples of one recipe dataset; kind 'sft' or 'dpo'. Logs a summary of what was skipped."""
-    stats = LoadStats(dataset_name(spec))
-    examples = list(iter_examples(spec, resolve_path, kind, stats))
-    stats.report()
-    return examples, stats
-
-
 def summarize(stats: list[LoadStats]) -> dict:
     total = Counter()
     for s in stats:

@@ -15,7 +15,7 @@ each through a temporary file and os.replace, so a unit with a marker is whole: 
 kill skips those and gives the same bytes as an uninterrupted run. `key.json` holds what the units
 were made from (the caller's key: datasets, template, seq_len, tokenizer); a different key starts
 over. When every rank is done, rank 0 applies max_examples (the first max_examples usable rows of a
-dataset, across its units in order, as `load_examples` reads them), deletes units past that cut and
+dataset, across its units in order), deletes units past that cut and
 writes manifest.json: the key, the units and their item counts, the data counts. `ChatShards.open`
 maps the units read-only; an item is a conversation (SFT, one sequence) or a pair (DPO, chosen
 then rejected).
