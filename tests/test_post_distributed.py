@@ -165,12 +165,13 @@ def test_sigkill_under_torchrun_then_resume(init_export, tmp_path):
         time.sleep(0.005)
     assert proc.poll() is None, "the run ended before step 5"
     # torchrun and both ranks at once (the ranks run in their own process groups).
-    family = [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
-    for pid in family:
-        os.kill(pid, signal.SIGKILL)
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    assert len(ranks) >= 2
+    for p in [psutil.Process(proc.pid)] + ranks:
+        p.kill()
     proc.wait(timeout=60)
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-                   for pid in family[1:])
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert all(p.status() == psutil.STATUS_ZOMBIE for p in alive), alive
     assert not (stage_dir / "summary.json").exists()
     again = subprocess.run(_torchrun_cmd("sft", killed), env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-4000:]

@@ -75,7 +75,7 @@ def _status_mb(field: str) -> float:
 
 
 def child(cfg: dict) -> None:
-    """prepare_shards (or ChatShards.open and a few items) as cfg says; prints one JSON line.
+    """prepare_shards as cfg says; prints one JSON line.
 
     Peaks: ru_maxrss as asked, and VmHWM, this program's own high-water mark. On Linux ru_maxrss
     keeps the parent's peak across fork and exec (pytest's few hundred MiB), so VmHWM is the one
@@ -83,7 +83,7 @@ def child(cfg: dict) -> None:
     import resource
 
     import zagreus.post.common  # noqa: F401 - torch, which encoder imports, in the baseline
-    from zagreus.post.shards import ChatShards, prepare_shards
+    from zagreus.post.shards import prepare_shards
     from zagreus.recipe import ChatDataset
     from zagreus.tokenizer import load_tokenizer
 
@@ -91,16 +91,11 @@ def child(cfg: dict) -> None:
     before = _status_mb("VmRSS")
     t0 = time.time()
     folder = Path(cfg["folder"])
-    if cfg.get("open_only"):
-        shards = ChatShards.open(folder)
-        picked = [shards.item(i) for i in range(0, len(shards), max(1, len(shards) // 7))]
-        assert all(len(p) == shards.per_item for p in picked)
-    else:
-        barrier = _file_barrier(Path(cfg["barrier"]), cfg["rank"], cfg["world"]) if cfg.get("barrier") else (lambda: None)
-        shards = prepare_shards(folder, {"test": 1}, [ChatDataset(**d) for d in cfg["datasets"]], Path, cfg["kind"],
-                                encoder(tok, cfg["kind"], cfg.get("seq_len", SEQ_LEN), cfg.get("delay", 0.0)),
-                                rank=cfg.get("rank", 0), world=cfg.get("world", 1), barrier=barrier,
-                                unit_rows=cfg.get("unit_rows", 4096))
+    barrier = _file_barrier(Path(cfg["barrier"]), cfg["rank"], cfg["world"]) if cfg.get("barrier") else (lambda: None)
+    shards = prepare_shards(folder, {"test": 1}, [ChatDataset(**d) for d in cfg["datasets"]], Path, cfg["kind"],
+                            encoder(tok, cfg["kind"], cfg.get("seq_len", SEQ_LEN), cfg.get("delay", 0.0)),
+                            rank=cfg.get("rank", 0), world=cfg.get("world", 1), barrier=barrier,
+                            unit_rows=cfg.get("unit_rows", 4096))
     print(json.dumps({"items": len(shards), "seconds": round(time.time() - t0, 1), "rss_before_mb": round(before, 1),
                       "peak_mb": round(_status_mb("VmHWM"), 1), "rss_after_mb": round(_status_mb("VmRSS"), 1),
                       "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}), flush=True)
@@ -350,23 +345,79 @@ def _short_tool_chat(i: int) -> dict:
         {"role": "assistant", "content": WORDS[(i + 3) % len(WORDS)]}]}
 
 
+def _peak_mib(pid: int) -> float | None:
+    """VmHWM, the high-water mark of a running process's resident memory, in MiB (None once it is gone).
+    ru_maxrss would not do: on Linux it keeps the parent's peak across fork and exec."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    line = next((x for x in text.splitlines() if x.startswith("VmHWM:")), None)
+    return int(line.split()[1]) / 1024 if line else None
+
+
+def _sft_until_step(recipe: Path, stage_dir: Path, steps: int) -> tuple[float, int]:
+    """`zagreus sft RECIPE` until `steps` steps are logged, then SIGTERM (it saves and exits 143);
+    returns (peak MiB over its whole life, exit status)."""
+    proc = subprocess.Popen([sys.executable, "-m", "zagreus.cli", "sft", str(recipe)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak, signalled, deadline = 0.0, False, time.time() + 600
+    metrics = stage_dir / "metrics.jsonl"
+    while proc.poll() is None and time.time() < deadline:
+        peak = max(peak, _peak_mib(proc.pid) or 0.0)
+        if not signalled and metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            proc.send_signal(signal.SIGTERM)
+            signalled = True
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=120)
+    assert signalled, err[-3000:]
+    return peak, proc.returncode
+
+
 @pytest.mark.slow
-def test_memory_is_bounded_by_one_unit(tmp_path, tok_dir):
+def test_memory_flat_from_20k_to_200k_chats_and_training_under_1gb(tmp_path, tok_dir):
+    """`zagreus sft` on 20k and then 200k multi-turn tool-calling chats, each run tokenizing its set to
+    shards and training 3 steps of the tiny preset: the peak of the 200k process is within 20% of the
+    20k one's and under 1 GiB."""
+    import yaml
+
+    from zagreus.model.hf import save_hf
+    from zagreus.model.llama import build_model
+    from zagreus.recipe import load_recipe
+    from zagreus.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(tok_dir))
+    init = save_hf(build_model(load_recipe_model(tok), seed=0), tok, tmp_path / "init")
     measured = {}
     for n in (20_000, 200_000):
         path = tmp_path / f"chats-{n}.jsonl"
         with path.open("w", encoding="utf-8") as f:
             for i in range(n):
                 f.write(json.dumps(_short_tool_chat(i)) + "\n")
-        cfg = {"tok": str(tok_dir), "datasets": [{"path": str(path), "name": f"chats-{n}"}], "kind": "sft",
-               "folder": str(tmp_path / f"shards-{n}")}
-        measured[n] = _run_child(cfg, timeout=500)
-        assert measured[n]["items"] == n
+        recipe = tmp_path / f"sft-{n}.yaml"
+        recipe.write_text(yaml.safe_dump({"name": f"mem{n}", "run_dir": str(tmp_path / f"run-{n}"),
+                                          "model": {"preset": "tiny"}, "sft": {
+            "init": str(init), "datasets": [{"path": str(path)}], "seq_len": SEQ_LEN, "micro_batch": 4,
+            "log_every": 1, "device": "cpu", "checkpoint": {"every": 1000, "keep": 1}}}))
+        stage_dir = tmp_path / f"run-{n}" / "sft"
+        t0 = time.time()
+        peak, status = _sft_until_step(recipe, stage_dir, steps=3)
+        manifest = json.loads((stage_dir / "data" / "manifest.json").read_text())
+        measured[n] = {"peak_mib": round(peak, 1), "seconds": round(time.time() - t0, 1), "items": manifest["items"],
+                       "tokens": manifest["tokens"]}
+        assert status == 143 and manifest["items"] == n
+        assert load_recipe(recipe).sft is not None and (stage_dir / "checkpoints").is_dir()
         path.unlink()
-    opened = _run_child({"tok": str(tok_dir), "folder": str(tmp_path / "shards-200000"), "open_only": True})
-    print(f"\nmemory: 20k {measured[20_000]}\n        200k {measured[200_000]}\n        open 200k {opened}")
-    assert measured[200_000]["peak_mb"] <= 1.2 * measured[20_000]["peak_mb"]
-    assert opened["peak_mb"] <= 1.2 * measured[20_000]["peak_mb"]
+    print(f"\nzagreus sft, tokenize + 3 steps of the tiny preset: 20k {measured[20_000]}, 200k {measured[200_000]}")
+    assert measured[200_000]["peak_mib"] <= 1.2 * measured[20_000]["peak_mib"]
+    assert measured[200_000]["peak_mib"] < 1024
+
+
+def load_recipe_model(tok):
+    """The tiny preset with the test tokenizer's vocabulary, as `model: {preset: tiny}` resolves it."""
+    from zagreus.model.config import resolve_model_config
+
+    return resolve_model_config("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
 
 
 def test_damaged_unit_is_named(tmp_path, sft_data, tok):

@@ -78,9 +78,9 @@ def test_packed_batch_equals_one_by_one(tok):
     for conv in _conversations():
         r = render(conv, tok, "chatml", tools=TOOLS if conv is TOOL_CONV else None)
         seqs.append(to_sequence(r.ids, r.assistant_mask, 512)[0])
-    rows = pack([len(s) for s in seqs], 512)
-    assert rows == [[0, 1, 2, 3]]  # all four share one row
-    packed = make_batch([[seqs[i] for i in rows[0]]] + [[seqs[0]]], pad=0, device=torch.device("cpu"), packing=True)
+    assert pack([len(s) for s in seqs], 512).tolist() == [0, 4]  # all four share one row
+    assert pack([300, 200, 100, 400, 512], 512).tolist() == [0, 2, 4, 5]  # next-fit: 300+200, 100+400, 512
+    packed = make_batch([seqs] + [[seqs[0]]], pad=0, device=torch.device("cpu"), packing=True)
     assert packed.mask.shape == (2, 1, packed.tokens.shape[1], packed.tokens.shape[1])
     with torch.no_grad():
         packed_losses = token_losses(model, packed, chunk_tokens=7)

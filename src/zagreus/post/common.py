@@ -10,12 +10,12 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from zagreus import __version__
@@ -144,16 +144,16 @@ class EpochTask(Task):
         self.per_step, self.seed = self.per_rank * ranks.dp, sec.seed
         self.steps_per_epoch = math.ceil(len(items) / self.per_step)
         self.total_steps = self.steps_per_epoch * sec.epochs
-        self._epoch, self._order = -1, []
+        self._epoch, self._order = -1, np.zeros(0, dtype=np.int64)
 
     def picked(self, step: int) -> tuple[int, list[int]]:
-        """(epoch, indices of the items) of optimizer step `step`, over all ranks."""
+        """(epoch, indices of the items) of optimizer step `step`, over all ranks. The epoch's order
+        is an int64 array (8 bytes an item), drawn from the seed and the epoch alone."""
         epoch, s = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            self._order = list(range(len(self.items)))
-            random.Random(self.seed * 1000 + epoch).shuffle(self._order)
+            self._order = np.random.default_rng(self.seed * 1000 + epoch).permutation(len(self.items))
             self._epoch = epoch
-        return epoch, self._order[s * self.per_step : (s + 1) * self.per_step]
+        return epoch, self._order[s * self.per_step : (s + 1) * self.per_step].tolist()
 
     def micro_batches(self, step: int) -> tuple[int, list[list[int]], int]:
         """(epoch, this rank's micro-batches of item indices, the step's items over all ranks).

@@ -18,11 +18,11 @@ steps, final loss). A finished stage is skipped unless forced.
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -68,17 +68,34 @@ def conversation_encoder(tokenizer, template: str, seq_len: int) -> Callable[[Ch
     return encode
 
 
-def pack(lengths: list[int], seq_len: int) -> list[list[int]]:
-    """Next-fit packing: indices of the sequences laid into each row, in the given order."""
-    rows: list[list[int]] = []
-    used = seq_len + 1
-    for i, n in enumerate(lengths):
-        if used + n > seq_len:
-            rows.append([])
-            used = 0
-        rows[-1].append(i)
-        used += n
-    return rows
+def pack(lengths, seq_len: int) -> np.ndarray:
+    """Next-fit packing of sequences in the given order into rows of at most seq_len tokens: the
+    index where each row starts, then len(lengths). A few bytes per sequence, whatever their number."""
+    starts, used, at = [], seq_len + 1, 0
+    for begin in range(0, len(lengths), 65536):  # Python ints for one slice at a time
+        for n in np.asarray(lengths[begin : begin + 65536]).tolist():
+            if used + n > seq_len:
+                starts.append(at)
+                used = 0
+            used += n
+            at += 1
+    return np.array(starts + [at], dtype=np.int64)
+
+
+class Rows:
+    """Training rows as two arrays: conversation indices laid end to end, and where each row starts."""
+
+    def __init__(self, members: np.ndarray, starts: np.ndarray):
+        self.members, self.starts = members, starts
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, r: int) -> list[int]:
+        return self.members[self.starts[r] : self.starts[r + 1]].tolist()
+
+    def __iter__(self):
+        return (self[r] for r in range(len(self)))
 
 
 def packed_batch(rows: list[list[Sequence]], pad: int, device: torch.device, multiple: int = 1) -> Batch:
@@ -127,14 +144,13 @@ def token_losses(model, batch: Batch, chunk_tokens: int = 4096, reduction: str =
                                  reduction=reduction)
 
 
-def build_rows(lengths, seq_len: int, packing: bool, seed: int) -> list[list[int]]:
+def build_rows(lengths, seq_len: int, packing: bool, seed: int) -> Rows:
     """Rows of conversation indices, in an order shuffled from the seed: one each, or packed next-fit."""
-    order = list(range(len(lengths)))
-    random.Random(seed).shuffle(order)
+    lengths = np.asarray(lengths)
+    order = np.random.default_rng(seed).permutation(len(lengths))
     if not packing:
-        return [[i] for i in order]
-    rows = pack([int(lengths[i]) for i in order], seq_len)
-    return [[order[j] for j in row] for row in rows]
+        return Rows(order, np.arange(len(lengths) + 1))
+    return Rows(order, pack(lengths[order], seq_len))
 
 
 class SFTTask(EpochTask):
@@ -142,7 +158,7 @@ class SFTTask(EpochTask):
 
     unit = "tokens"
 
-    def __init__(self, model, shards: ChatShards, rows: list[list[int]], sec, pad: int, ranks: Ranks, chunk: int):
+    def __init__(self, model, shards: ChatShards, rows: Rows, sec, pad: int, ranks: Ranks, chunk: int):
         super().__init__("sft", rows, "rows", model, sec, pad, ranks, chunk)
         self.shards = shards
 
