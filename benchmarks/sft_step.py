@@ -16,7 +16,7 @@ How:
   template renders the same text as zagreus' own ChatML Jinja template and, through transformers'
   apply_chat_template, the same token ids and assistant mask as zagreus.post.chat.render.
 - Each side then runs in its own subprocess (one after the other), so the peak RSS
-  (getrusage ru_maxrss of that child) is that side's own: imports, data preparation, model,
+  (VmHWM of that child, from /proc) is that side's own: imports, data preparation, model,
   optimizer and the training steps. Both use torch.set_num_threads(--threads), fp32, CPU.
 - ours: render(..., "chatml") -> to_sequence -> build_rows(packing=True) (next-fit in a seeded
   shuffled order) -> packed_batch (block-diagonal causal mask, per-conversation positions) ->
@@ -30,7 +30,8 @@ How:
   "trl". --trl-variants adds other TRL runs, each in its own child too: "trl-accum" (1 row per
   micro-batch, --batch micro-batches accumulated per step: the flattened sequence is one row long,
   so attention is not computed over the whole batch) and "trl-gc" (gradient checkpointing on,
-  TRL's SFTConfig default).
+  TRL's SFTConfig default). With trl-accum, ours runs the same layout too ("ours-accum": one row
+  per micro-batch, --batch accumulated), and the two are compared.
 - Same AdamW settings on both sides (lr --lr, betas 0.9/0.999, eps 1e-8, weight decay 0,
   torch's default foreach implementation). --batch rows per optimizer step on both sides.
 - Timing: --warmup steps are excluded, then --steps steps are timed from the end of the last
@@ -80,6 +81,15 @@ VARIANTS = ("trl", "trl-accum", "trl-gc")
 
 
 def rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB: VmHWM, which starts afresh at exec. (On
+    Linux ru_maxrss keeps the parent's peak across fork and exec, which would credit both sides
+    with the parent's memory.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -174,7 +184,8 @@ def _threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def run_ours(args, work: Path) -> dict:
+def run_ours(args, work: Path, accumulate: bool = False) -> dict:
+    """Our step; accumulate: one row per micro-batch, --batch of them accumulated (as trl-accum)."""
     import torch
 
     _threads(args.threads)
@@ -208,19 +219,23 @@ def run_ours(args, work: Path) -> dict:
     start = time.perf_counter()
     for step in range(n_steps):
         picked = rows[step * args.batch : (step + 1) * args.batch]
-        # As SFTTask.step with micro_batch = batch, grad_accum = 1 (one micro-batch per step).
-        batch = packed_batch(picked, pad, device)
-        n_trained = batch.trained_tokens
-        loss_sum = token_losses(model, batch, args.chunk, reduction="sum")
-        (loss_sum / n_trained).backward()
+        # As SFTTask.step with micro_batch = batch, grad_accum = 1 (one micro-batch per step), or
+        # micro_batch = 1, grad_accum = batch.
+        micro = [packed_batch([row], pad, device) for row in picked] if accumulate else [packed_batch(picked, pad, device)]
+        n_trained = sum(b.trained_tokens for b in micro)
+        total = 0.0
+        for batch in micro:
+            loss_sum = token_losses(model, batch, args.chunk, reduction="sum")
+            (loss_sum / n_trained).backward()
+            total += float(loss_sum.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss_sum.detach()) / n_trained)
+        losses.append(total / n_trained)
         ends.append(time.perf_counter())
         real.append(sum(len(s) for row in picked for s in row))
         trained.append(n_trained)
-    return _result("ours", args, start, ends, real, trained, losses, rss_imports, rss_setup,
+    return _result("ours-accum" if accumulate else "ours", args, start, ends, real, trained, losses, rss_imports, rss_setup,
                    {"rows": len(rows), "padded_tokens_per_step": batch.tokens.numel(),
                     "threads": torch.get_num_threads()})
 
@@ -321,12 +336,12 @@ def main() -> None:
     ap.add_argument("--convs", type=int, default=800, help="synthetic conversations")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic conversations")
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--chunk", type=int, default=4096, help="our loss chunk (tokens)")
+    ap.add_argument("--chunk", type=int, default=1024, help="our loss chunk (tokens; pretrain.loss_chunk's default)")
     ap.add_argument("--check", type=int, default=50, help="conversations checked for template equality")
     ap.add_argument("--trl-variants", default="trl",
                     help="comma list of TRL runs: trl (batch rows per micro-batch, no gradient checkpointing, the "
                          "headline), trl-accum (1 row x batch accumulated), trl-gc (gradient checkpointing on)")
-    ap.add_argument("--side", choices=["ours", *VARIANTS], help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--side", choices=["ours", "ours-accum", *VARIANTS], help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     variants = [v.strip() for v in args.trl_variants.split(",") if v.strip()]
@@ -334,7 +349,8 @@ def main() -> None:
         ap.error(f"--trl-variants: a comma list of {', '.join(VARIANTS)} that includes trl")
 
     if args.side:
-        out = run_ours(args, args.work) if args.side == "ours" else run_trl(args, args.work, args.side)
+        out = (run_ours(args, args.work, args.side == "ours-accum") if args.side.startswith("ours")
+               else run_trl(args, args.work, args.side))
         print("RESULT " + json.dumps(out), flush=True)
         return
 
@@ -346,7 +362,9 @@ def main() -> None:
                "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
                "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         results = {}
-        for side in ("ours", *variants):
+        # With trl-accum, ours runs the same layout too (ours-accum), so each peer has its twin.
+        sides = ["ours", *(["ours-accum"] if "trl-accum" in variants else []), *variants]
+        for side in sides:
             proc = subprocess.run(child_argv(args, side, work), env=env, capture_output=True, text=True)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
@@ -389,9 +407,10 @@ def main() -> None:
           f"ratio tokens/s ours/trl = {speed:.2f} (target >= 1.5, {'met' if speed >= 1.5 else 'NOT met'}); "
           f"ratio RSS ours/trl = {mem:.2f} (target <= 0.6, {'met' if mem <= 0.6 else 'NOT met'})")
     for v in (v for v in variants if v != "trl"):
-        r = results[v]
-        print(f"against {v}: {r['tok_s']:.0f} tok/s, peak RSS {r['peak_rss_mib']:.0f} MiB; ratio tokens/s ours/{v} = "
-              f"{ours['tok_s'] / r['tok_s']:.2f}, ratio RSS ours/{v} = {ours['peak_rss_mib'] / r['peak_rss_mib']:.2f}")
+        r, mine = results[v], results["ours-accum"] if v == "trl-accum" else ours
+        print(f"{mine['side']} against {v}: {mine['tok_s']:.0f} vs {r['tok_s']:.0f} tok/s, peak RSS {mine['peak_rss_mib']:.0f} vs "
+              f"{r['peak_rss_mib']:.0f} MiB; ratio tokens/s {mine['tok_s'] / r['tok_s']:.2f}, "
+              f"ratio RSS {mine['peak_rss_mib'] / r['peak_rss_mib']:.2f}")
     print(f"(whole run {time.perf_counter() - t0:.0f} s)")
 
 
