@@ -213,8 +213,8 @@ def test_cpu_job_and_post_training_scripts(tmp_path: Path, monkeypatch) -> None:
     assert scripts.pretrain is None and scripts.eval is None and scripts.sft is None
     assert {"#SBATCH --gpus-per-node=8", "  --nproc-per-node=8 \\"} <= set(scripts.dpo.read_text().splitlines())
     bad = tmp_path / "tp.yaml"
-    bad.write_text(recipe.read_text().replace("dpo: {", "dpo: {parallel: {tp: 2}, "))
-    with pytest.raises(UserError, match="dpo.parallel: tp and pp are for pretraining"):
+    bad.write_text(recipe.read_text().replace("dpo: {", "dpo: {parallel: {pp: 2}, "))
+    with pytest.raises(UserError, match="dpo.parallel.pp: pipeline parallelism is for pretraining"):
         write_sbatch(bad, SlurmJob(nodes=1, gpus_per_node=8), stages=["dpo"])
     with pytest.raises(UserError, match="no 'sft:' section"):
         write_sbatch(_recipe(tmp_path), SlurmJob(nodes=1, gpus_per_node=8), stages=["sft"])

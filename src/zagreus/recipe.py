@@ -309,8 +309,8 @@ class SFTSection(Strict):
     log_every: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint: CheckpointSection = CheckpointSection(every=500, keep=2)
-    parallel: ParallelSection = Field(ParallelSection(), description="data parallelism under torchrun (dp_shard, "
-                                                                     "dp_replicate); tp and pp are pretraining's only")
+    parallel: ParallelSection = Field(ParallelSection(), description="parallelism under torchrun (dp_shard, "
+                                                                     "dp_replicate, tp); pp is pretraining's only")
     max_bad_steps: int = Field(5, ge=1, description="non-finite steps in a row that stop the run")
 
 
@@ -336,8 +336,8 @@ class DPOSection(Strict):
     log_every: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint: CheckpointSection = CheckpointSection(every=500, keep=2)
-    parallel: ParallelSection = Field(ParallelSection(), description="data parallelism under torchrun (dp_shard, "
-                                                                     "dp_replicate); tp and pp are pretraining's only")
+    parallel: ParallelSection = Field(ParallelSection(), description="parallelism under torchrun (dp_shard, "
+                                                                     "dp_replicate, tp); pp is pretraining's only")
     max_bad_steps: int = Field(5, ge=1, description="non-finite steps in a row that stop the run")
 
     @model_validator(mode="after")

@@ -242,11 +242,14 @@ def write_sbatch(recipe_path: Path, job: SlurmJob, out: Path | None = None, stag
             sec = getattr(recipe, stage)
             _check_device(recipe_path, stage, sec.device, job)
             par = sec.parallel
-            if par.tp > 1 or par.pp > 1:
-                raise UserError(f"{recipe_path}: {stage}.parallel: tp and pp are for pretraining; post-training is "
-                                f"data-parallel only (set them to 1)")
-            ParallelDims.resolve(par.dp_replicate, par.dp_shard, 1, 1, world_size=job.nodes * job.procs,
-                                 where=f"{stage}.parallel")
+            if par.pp > 1:
+                raise UserError(f"{recipe_path}: {stage}.parallel.pp: pipeline parallelism is for pretraining; "
+                                f"post-training runs dp_shard, dp_replicate and tp (set pp to 1)")
+            dims = ParallelDims.resolve(par.dp_replicate, par.dp_shard, par.tp, 1, world_size=job.nodes * job.procs,
+                                        where=f"{stage}.parallel")
+            if dims.tp > job.procs:
+                raise UserError(f"{recipe_path}: {stage}.parallel.tp = {dims.tp} spans nodes ({job.procs} per node); "
+                                f"keep tp within a node (tp <= {job.procs})")
     if "pretrain" in stages:
         check_layout(recipe_path, job)
     workdir = Path.cwd()
