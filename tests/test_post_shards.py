@@ -95,7 +95,7 @@ def child(cfg: dict) -> None:
     shards = prepare_shards(folder, {"test": 1}, [ChatDataset(**d) for d in cfg["datasets"]], Path, cfg["kind"],
                             encoder(tok, cfg["kind"], cfg.get("seq_len", SEQ_LEN), cfg.get("delay", 0.0)),
                             rank=cfg.get("rank", 0), world=cfg.get("world", 1), barrier=barrier,
-                            unit_rows=cfg.get("unit_rows", 4096))
+                            unit_rows=cfg.get("unit_rows", 4096), workers=cfg.get("workers", 1))
     print(json.dumps({"items": len(shards), "seconds": round(time.time() - t0, 1), "rss_before_mb": round(before, 1),
                       "peak_mb": round(_status_mb("VmHWM"), 1), "rss_after_mb": round(_status_mb("VmRSS"), 1),
                       "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}), flush=True)
@@ -287,6 +287,30 @@ def test_two_ranks_write_the_bytes_of_one(tmp_path, sft_data, tok_dir):
     a, b = _files(tmp_path / "one"), _files(tmp_path / "two")
     assert sorted(a) == sorted(b) and any(n.startswith("unit-001-") for n in a)
     assert all(a[n] == b[n] for n in a), [n for n in a if a[n] != b[n]]
+
+
+def test_forked_workers_write_the_bytes_of_one(tmp_path, sft_data, tok_dir):
+    """Two ranks of three tokenizing workers each (6 tasks) against one process alone."""
+    base = {"tok": str(tok_dir), "datasets": sft_data, "kind": "sft", "unit_rows": 4}
+    one = _run_child({**base, "folder": str(tmp_path / "one")})
+    (tmp_path / "barrier").mkdir()
+    procs = [_start_child({**base, "folder": str(tmp_path / "six"), "rank": r, "world": 2, "workers": 3,
+                           "barrier": str(tmp_path / "barrier")}) for r in (0, 1)]
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1])["items"] == one["items"]
+    a, b = _files(tmp_path / "one"), _files(tmp_path / "six")
+    assert sorted(a) == sorted(b) and all(a[n] == b[n] for n in a), [n for n in a if a.get(n) != b.get(n)]
+
+
+def test_a_bad_file_in_a_worker_is_one_line(tmp_path, tok):
+    from zagreus.errors import UserError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:1:.*not valid UTF-8"):
+        _prepare(tmp_path / "s", [{"path": str(bad)}], "sft", tok, unit_rows=4, workers=2)
 
 
 def test_sigkill_then_rerun_gives_the_same_bytes(tmp_path, tok_dir):

@@ -309,6 +309,9 @@ class SFTSection(Strict):
     log_every: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint: CheckpointSection = CheckpointSection(every=500, keep=2)
+    tokenize_workers: int = Field(1, ge=1, description="processes each rank forks to tokenize the datasets the "
+                                                       "first time (work units shared out; the same bytes whatever "
+                                                       "the number)")
     parallel: ParallelSection = Field(ParallelSection(), description="parallelism under torchrun (dp_shard, "
                                                                      "dp_replicate, tp); pp is pretraining's only")
     max_bad_steps: int = Field(5, ge=1, description="non-finite steps in a row that stop the run")
@@ -336,6 +339,9 @@ class DPOSection(Strict):
     log_every: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint: CheckpointSection = CheckpointSection(every=500, keep=2)
+    tokenize_workers: int = Field(1, ge=1, description="processes each rank forks to tokenize the datasets the "
+                                                       "first time (work units shared out; the same bytes whatever "
+                                                       "the number)")
     parallel: ParallelSection = Field(ParallelSection(), description="parallelism under torchrun (dp_shard, "
                                                                      "dp_replicate, tp); pp is pretraining's only")
     max_bad_steps: int = Field(5, ge=1, description="non-finite steps in a row that stop the run")

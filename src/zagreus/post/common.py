@@ -218,7 +218,8 @@ def open_stage(recipe, stage: str, default_init: Path, force: bool,
         raise UserError(f"key '{stage}.seq_len' {sec.seq_len} exceeds the model's context {model.cfg.max_seq_len}; lower it")
     shard_model(model, ranks, stage, sec)
     shards = prepare_shards(folder.data, data_key(recipe, sec, tok), sec.datasets, recipe.resolve_path, stage,
-                            encoder(tok, sec), rank=ranks.rank, world=ranks.world, barrier=ranks.barrier)
+                            encoder(tok, sec), rank=ranks.rank, world=ranks.world, barrier=ranks.barrier,
+                            workers=sec.tokenize_workers)
     if not len(shards):
         what = "conversation has an assistant token" if stage == "sft" else "pair has completion tokens"
         raise UserError(f"{stage}: no {what} within seq_len; raise {stage}.seq_len")

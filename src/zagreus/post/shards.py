@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 from pathlib import Path
 from typing import Callable
@@ -243,16 +244,57 @@ def _build_manifest(folder: Path, identity: dict, datasets: list, kind: str, blo
             "tokens": sum(u["tokens"] for u in units), "stats": stats}
 
 
+def _tokenize_all(folder: Path, datasets: list, resolve_path, kind: str, encode, unit_rows: int, task: int,
+                  tasks: int) -> list[int | None]:
+    """Task `task` of `tasks`: its units of every dataset; each dataset's number of blocks (None: stopped early)."""
+    with tqdm(unit=" rows", disable=None, position=task, leave=False) as bar:
+        return [_tokenize_dataset(folder, d, spec, resolve_path, kind, encode, task, tasks, unit_rows, bar)
+                for d, spec in enumerate(datasets)]
+
+
+def _tokenize_with_workers(folder: Path, datasets: list, resolve_path, kind: str, encode, unit_rows: int,
+                           tasks: list[int], total: int) -> list[int | None]:
+    """The tasks in forked worker processes (fork: they inherit `encode` and its tokenizer unpickled)."""
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.SimpleQueue()
+
+    def work(task: int) -> None:
+        try:
+            results.put((True, _tokenize_all(folder, datasets, resolve_path, kind, encode, unit_rows, task, total)))
+        except UserError as exc:  # a bad row or file: the parent says it in one line
+            results.put((False, str(exc)))
+
+    procs = [ctx.Process(target=work, args=(task,), daemon=True) for task in tasks]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    failed = [task for task, proc in zip(tasks, procs) if proc.exitcode != 0]
+    if failed:
+        raise UserError(f"{folder}: tokenizing worker(s) {failed} failed (see the messages above); the finished "
+                        f"units are kept, run the same command again to resume")
+    answers = [results.get() for _ in procs]
+    problems = sorted({msg for ok, msg in answers if not ok})
+    if problems:
+        raise UserError(problems[0])
+    counts = [msg for _, msg in answers]
+    # Every task streams every row: one that reached the end knows the count; None only if all stopped early.
+    return [next((c[d] for c in counts if c[d] is not None), None) for d in range(len(datasets))]
+
+
 def prepare_shards(folder: Path, key: dict, datasets: list, resolve_path, kind: str,
                    encode: Callable[[object], Encoded | None], *, rank: int = 0, world: int = 1,
-                   barrier: Callable[[], None] = lambda: None, unit_rows: int = 4096) -> "ChatShards":
+                   barrier: Callable[[], None] = lambda: None, unit_rows: int = 4096,
+                   workers: int = 1) -> "ChatShards":
     """Every rank tokenizes its work units into `folder`, rank 0 writes manifest.json, all return the opened shards.
 
     `key` says what the shards are made from (datasets, template, seq_len, tokenizer identity):
     an existing manifest with the same key is opened without reading the datasets; a different
     one is deleted and the data tokenized again. `datasets` are the recipe's ChatDataset specs,
     `kind` 'sft' or 'dpo'; `encode` turns one example into its sequences (see `Encoded`). Every rank
-    calls this with the same arguments and its own `rank`; `barrier` waits for all of them.
+    calls this with the same arguments and its own `rank`; `barrier` waits for all of them. With
+    `workers` > 1 each rank forks that many tokenizing processes (task rank x workers + w of
+    world x workers); the bytes written are the same whatever the ranks and workers.
     """
     if kind not in PER_ITEM:
         raise ValueError(f"kind must be 'sft' or 'dpo', not {kind!r}")
@@ -264,9 +306,9 @@ def prepare_shards(folder: Path, key: dict, datasets: list, resolve_path, kind: 
     if rank == 0:
         _start(folder, identity)
     barrier()
-    with tqdm(unit=" rows", disable=None, position=rank, leave=False) as bar:
-        blocks = [_tokenize_dataset(folder, d, spec, resolve_path, kind, encode, rank, world, unit_rows, bar)
-                  for d, spec in enumerate(datasets)]
+    args = (folder, datasets, resolve_path, kind, encode, unit_rows)
+    blocks = (_tokenize_all(*args, rank, world) if workers == 1
+              else _tokenize_with_workers(*args, [rank * workers + w for w in range(workers)], world * workers))
     barrier()
     if rank == 0:
         try:
