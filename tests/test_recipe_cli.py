@@ -117,3 +117,20 @@ def test_check_prints_the_plan(tmp_path):
                          "  stages        : data -> pretrain -> eval -> release"]
     assert any(line.startswith("  model         : tiny, ") for line in lines)
     assert "  source docs        : 100.0% of tokens from docs.jsonl" in lines
+
+
+def test_check_prices_the_data_stage_of_the_report_recipe():
+    """`zagreus check zagreus-0.4b-ita.yaml`: text, work units, disk and CPU-hours of its 1T-token data
+    stage, from the measured rates (13,842,558 tokens of 56.9 MB in 3.71 CPU seconds) by hand."""
+    result = zagreus("check", str(REPO / "recipes" / "zagreus-0.4b-ita.yaml"))
+    assert result.returncode == 0, result.stderr
+    lines = {line.split(":", 1)[0].strip(): line.split(":", 1)[1] for line in result.stdout.splitlines() if ":" in line}
+    text_bytes = 1e12 * 56.9e6 / 13_842_558
+    assert f"about {text_bytes / 1e12:.2f} TB of text" in lines["data volume"]  # 4.11 TB
+    units = round(text_bytes / (4 << 20))  # the recipe's unit_bytes default, 4 MiB
+    assert f"{units:,} work units over 512 tasks" in lines["data units"]
+    # Llama-3 ids are uint32: 4 bytes a token, 4 TB for 1T; unit files and shards side by side: 8 TB.
+    assert "4.00 TB of final shards, 8.00 TB at the peak" in lines["data disk"]
+    assert "3 to 5 TB for ~1T tokens (3.0-5.0 TB here)" in lines["data disk"]
+    cpu_hours = 1e12 / (13_842_558 / 3.71) / 3600
+    assert f"{cpu_hours:,.0f} CPU-hours" in lines["data CPU"] and f"{cpu_hours / 512:,.1f} h on 512 tasks" in lines["data CPU"]

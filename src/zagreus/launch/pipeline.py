@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from zagreus.data.pricing import price
 from zagreus.errors import UserError
 from zagreus.recipe import Recipe, dump_recipe
 from zagreus.rundir import RunDir
@@ -98,6 +99,9 @@ def plan(recipe: Recipe, recipe_path: Path, *, gpus: int | None, gpu: str, mfu: 
         for s in recipe.data.sources:
             origin = s.hub or (s.paths() and ", ".join(s.paths())) or "python stdlib"
             lines.append(f"  source {s.name:<12}: {s.weight / total_w:6.1%} of tokens from {origin}")
+        cost = price(recipe.data, recipe.tokenizer)
+        lines += cost.lines() if cost is not None else ["  data cost     : no data.tokens budget, so no estimate "
+                                                        "(every document of the sources is read)"]
         from zagreus.train.memory import estimate, report  # torch: only recipes that pretrain pay for it
 
         lines += report(estimate(cfg, p, gpus, gpu, mfu))
