@@ -160,3 +160,52 @@ def test_stdlib_source_reads_python_files(tmp_path):
     first = list(read_unit(units[0], Source(name="code", stdlib=True)))
     assert first and isinstance(first[0], Doc)
     assert first[0].text == Path(units[0].files[0]).read_text(encoding="utf-8")
+
+
+def test_hub_sources_are_pinned_to_a_commit_recorded_in_the_manifest(tmp_path, monkeypatch):
+    """A hub source's revision (a tag here, the main branch without one) is resolved once, at plan time,
+    every unit reads at that commit, and the manifest records it. The hub's two services are replaced
+    (no network here): `HfApi.dataset_info` answers a commit per revision, `datasets.load_dataset`
+    serves a local parquet folder and records the revision it was asked for."""
+    import datasets
+    import huggingface_hub
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "ds" / "data"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"text": TEXTS}), folder / "train-00000-of-00001.parquet")
+    commits = {None: "a" * 40, "v1.0": "b" * 40}
+    asked: list = []
+    real_load = datasets.load_dataset
+
+    def dataset_info(self, repo_id, revision=None, **kw):
+        if revision not in commits and revision not in commits.values():
+            raise ValueError(f"Revision Not Found for {repo_id}@{revision}")  # what the hub says, in short
+        return type("Info", (), {"sha": commits.get(revision, revision)})()
+
+    def load_dataset(path, name=None, split=None, streaming=False, revision=None):
+        asked.append((path, revision))
+        return real_load(str(tmp_path / "ds"), name, split=split, streaming=streaming)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    for revision, sha in ((None, "a" * 40), ("v1.0", "b" * 40)):
+        asked.clear()
+        data = DataSection(sources=[{"name": "fw", "hub": "HuggingFaceFW/fineweb-2", "revision": revision}],
+                           filters={"min_chars": 1, "quality": False, "dedup": "none"}, validation_fraction=0.0,
+                           executor={"kind": "local", "workers": 1})
+        manifest = tokenize_data(data, tmp_path / f"out-{revision}", TokenizerSection(), show_progress=False)
+        assert manifest["sources"]["fw"]["revision"] == sha
+        assert asked and all(a == ("HuggingFaceFW/fineweb-2", sha) for a in asked), asked
+        assert manifest["totals"]["train"]["docs"] == len(TEXTS)
+
+    bad = DataSection(sources=[{"name": "fw", "hub": "HuggingFaceFW/fineweb-2", "revision": "v9"}])
+    with pytest.raises(UserError, match=r"source 'fw': cannot resolve revision v9 of hub dataset "
+                                        r"HuggingFaceFW/fineweb-2: Revision Not Found"):
+        tokenize_data(bad, tmp_path / "out-bad", TokenizerSection(), show_progress=False)
+    # A local datasets folder has no commit: nothing to pin, nothing recorded.
+    local = DataSection(sources=[{"name": "h", "hub": str(tmp_path / "ds")}],
+                        filters={"min_chars": 1, "quality": False, "dedup": "none"}, validation_fraction=0.0,
+                        executor={"kind": "local", "workers": 1})
+    assert tokenize_data(local, tmp_path / "out-local", TokenizerSection(), show_progress=False)["sources"]["h"]["revision"] is None

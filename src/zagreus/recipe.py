@@ -64,6 +64,9 @@ class Source(Strict):
     hub: str | None = Field(None, description="Hugging Face dataset id")
     config: str | None = None
     split: str = "train"
+    revision: str | None = Field(None, description="hub: the dataset's branch, tag or commit; the stage resolves it "
+                                                   "(default the main branch) to a commit, reads every unit at that "
+                                                   "commit and records it in the manifest")
     streaming: bool = True
     path: str | list[str] | None = Field(None, description="local file, folder or glob(s)")
     stdlib: bool = Field(False, description="the local Python standard library as a code source")

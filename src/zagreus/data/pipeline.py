@@ -43,7 +43,9 @@ import numpy as np
 
 from zagreus.data import shards
 from zagreus.data.filters import LanguageFilter, MinHasher, NearDupIndex, is_validation, length_ok, quality_reason, text_digest
-from zagreus.data.sources import DamagedFile, Doc, Skip, WorkUnit, input_signature, plan_source, read_unit
+from zagreus.data.sources import (
+    DamagedFile, Doc, Skip, WorkUnit, input_signature, pin_revision, plan_source, read_unit,
+)
 from zagreus.errors import UserError
 from zagreus.recipe import DataSection, FiltersSection, Source
 from zagreus.tokenizer import Tokenizer, load_tokenizer
@@ -111,13 +113,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 # --- phase 1: plan --------------------------------------------------------------------------
-def plan_units(data: DataSection, resolve: Callable[[str], Path] = Path) -> tuple[list[WorkUnit], dict[str, str]]:
+def plan_units(data: DataSection, resolve: Callable[[str], Path] = Path) -> tuple[DataSection, list[WorkUnit], dict[str, str]]:
+    """(the data section with every hub source pinned to a commit, its work units, each source's origin)."""
     units: list[WorkUnit] = []
     origins = {}
-    for s in data.sources:
+    pinned = [pin_revision(s) for s in data.sources]
+    for s in pinned:
         units += plan_source(s, len(units), data.unit_bytes, resolve)
         origins[s.name] = s.hub or ("python stdlib" if s.stdlib else ", ".join(s.paths()))
-    return units, origins
+    return data.model_copy(update={"sources": pinned}), units, origins
 
 
 def make_plan(data: DataSection, data_dir: Path, tokenizer_spec: str, identity: dict,
@@ -464,6 +468,7 @@ def _finalize_source(plan: Plan, source: Source, tok: Tokenizer, dedup: _Dedup,
         filters["quality"]["rules"] = dict(sorted(rules.items()))
     entry = {
         "origin": plan.origins[source.name],
+        "revision": source.revision,  # the hub commit every unit read (pinned at plan time); None for local data
         "weight": source.weight / sum(s.weight for s in data.sources),
         "budget_tokens": budget,
         "units": {"total": len(units), "used": used},

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import glob
 import io
+import logging
 import os
 import sysconfig
 import zlib
@@ -38,6 +39,8 @@ import zstandard
 
 from zagreus.errors import UserError
 from zagreus.recipe import Source
+
+log = logging.getLogger(__name__)
 
 HUB_ROWS = 100_000      # rows per unit of a non-streamed hub dataset
 TEXT_SUFFIXES = {".txt": "txt", ".html": "html", ".htm": "html", ".py": "code"}
@@ -145,7 +148,8 @@ def _load_hub(source: Source, streaming: bool | None = None):
 
     streaming = source.streaming if streaming is None else streaming
     try:
-        return datasets.load_dataset(source.hub, source.config, split=source.split, streaming=streaming)
+        return datasets.load_dataset(source.hub, source.config, split=source.split, streaming=streaming,
+                                     revision=source.revision)
     except Exception as exc:  # network, auth, missing config/split: all surface as one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
@@ -153,6 +157,25 @@ def _load_hub(source: Source, streaming: bool | None = None):
             f"{f' (config {source.config})' if source.config else ''} split {source.split} is unreachable: {first[:300]}; "
             "check the name, config and network (or HF_TOKEN for gated data), or use a local path"
         ) from None
+
+
+def pin_revision(source: Source) -> Source:
+    """A hub source pinned to the commit its revision (default: the main branch) resolves to now, so
+    that every work unit, on any node and after any restart, reads the same data; the commit is
+    what the manifest records. Other sources, and hub datasets that are local folders, as they are."""
+    if source.hub is None or Path(source.hub).exists():
+        return source
+    from huggingface_hub import HfApi
+
+    try:
+        sha = HfApi().dataset_info(source.hub, revision=source.revision).sha
+    except Exception as exc:  # offline, unknown name or revision, gated: one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"source '{source.name}': cannot resolve revision {source.revision or 'main'} of hub dataset "
+                        f"{source.hub}: {first[:300]}; check the name, revision and network (or HF_TOKEN)") from None
+    if source.revision not in (None, sha):
+        log.info("source '%s': %s revision %s is commit %s", source.name, source.hub, source.revision, sha)
+    return source.model_copy(update={"revision": sha})
 
 
 def plan_source(source: Source, first: int, unit_bytes: int, resolve=lambda p: Path(p)) -> list[WorkUnit]:

@@ -61,7 +61,7 @@ def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection
             LanguageFilter(data.filters.languages, data.filters.language_threshold)
         except ValueError as exc:
             raise UserError(f"data.filters.languages: {exc}; use ISO 639-1 codes such as en, it") from None
-    units, origins = pipeline.plan_units(data, resolve)
+    data, units, origins = pipeline.plan_units(data, resolve)
     spec, tok = _tokenizer(tokenizer, tokenizer_dir, data, units, resolve)
     plan = pipeline.make_plan(data, data_dir, spec, tok.identity(), units, origins)
     manifest_path = data_dir / pipeline.MANIFEST
