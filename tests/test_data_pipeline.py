@@ -37,10 +37,15 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def output_bytes(data_dir: Path) -> dict[str, bytes]:
-    """Every file a run leaves (shards, manifest, identity), by relative path."""
+    """Every file a run leaves (shards, manifest, identity), by relative path; the manifest without
+    its `phases`, the run's own timings (checked to be there)."""
     out = {str(p.relative_to(data_dir)): p.read_bytes() for p in sorted(data_dir.rglob("*"))
            if p.is_file() and "logs" not in p.relative_to(data_dir).parts}
     assert not any(".work" in k or ".tmp" in k for k in out), sorted(out)
+    if "manifest.json" in out:
+        manifest = json.loads(out["manifest.json"])
+        assert set(manifest.pop("phases")) >= {"finalize"}
+        out["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
     return out
 
 
@@ -89,6 +94,17 @@ def test_shard_ids_equal_tiktoken(quick_run, corpus):
     for s in src["train"]["shards"]:
         meta_file = shards.read_metadata(quick_run / s["file"])
         assert meta_file == {"tokenizer": "llama3", "token_size": 4, "tokens": s["tokens"]}
+
+
+def test_manifest_records_where_the_time_went(quick_run):
+    """plan, units (2 workers) and finalize, each with wall and CPU seconds and its task count; the
+    units' CPU includes the pool's worker processes, so it exceeds what this process spent alone."""
+    phases = json.loads((quick_run / "manifest.json").read_text())["phases"]
+    assert list(phases) == ["plan", "units", "finalize"]
+    assert [p["tasks"] for p in phases.values()] == [1, 2, 1]
+    assert all(p["wall_s"] > 0 and p["cpu_s"] > 0 for p in phases.values()), phases
+    # Tokenizing ran in two worker processes: their CPU seconds are counted, near 2x the wall at best.
+    assert phases["units"]["cpu_s"] > 0.5 * phases["units"]["wall_s"]
 
 
 def test_datatrove_folder_dataset_reads_our_shards(quick_run):

@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -481,7 +482,8 @@ def _finalize_source(plan: Plan, source: Source, tok: Tokenizer, dedup: _Dedup,
     return entry, skipped, bad
 
 
-def _write_manifest(plan: Plan, tok: Tokenizer, sources: dict[str, dict], skipped: Counter, bad: list[str]) -> dict:
+def _write_manifest(plan: Plan, tok: Tokenizer, sources: dict[str, dict], skipped: Counter, bad: list[str],
+                    phases: dict) -> dict:
     """Writes the tokenizer identity, then manifest.json (atomically, last: it marks the folder done)."""
     data = plan.data
     identity = tok.identity()
@@ -499,13 +501,37 @@ def _write_manifest(plan: Plan, tok: Tokenizer, sources: dict[str, dict], skippe
         "totals": {**totals, "skipped": dict(sorted(skipped.items()))},
         "skipped_examples": bad[:BAD_EXAMPLES],
         "sources": sources,
+        "phases": phases,  # where this run's time went: wall_s, cpu_s (all processes) and tasks per phase
     }
     _atomic_write(plan.data_dir / MANIFEST, (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode())
     return manifest
 
 
-def finalize(plan: Plan) -> dict:
-    """Dedup, budget, split and write shards + manifest from the unit files (processing missing units)."""
+class PhaseClock:
+    """Wall and CPU seconds between laps; CPU counts this process and its ended children (the local
+    pool's and datatrove's workers), so a phase's cpu_s over its wall_s shows how parallel it ran."""
+
+    def __init__(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), self._cpu_now()
+
+    @staticmethod
+    def _cpu_now() -> float:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    def lap(self, tasks: int) -> dict:
+        wall, cpu = time.perf_counter(), self._cpu_now()
+        out = {"wall_s": round(wall - self._wall, 3), "cpu_s": round(cpu - self._cpu, 3), "tasks": tasks}
+        self._wall, self._cpu = wall, cpu
+        return out
+
+
+def finalize(plan: Plan, phases: dict | None = None, clock: PhaseClock | None = None) -> dict:
+    """Dedup, budget, split and write shards + manifest from the unit files (processing missing units).
+
+    The manifest's `phases` holds `phases` (the earlier ones, timed by the caller) and this one's;
+    a finalize run alone (a Slurm job) records only itself."""
+    clock = clock or PhaseClock()
     tok = load_tokenizer(plan.tokenizer)
     for split in ("train", "val"):  # a killed finalize may have left shards; they are rewritten
         shutil.rmtree(plan.data_dir / split, ignore_errors=True)
@@ -517,7 +543,8 @@ def finalize(plan: Plan) -> dict:
         sources[source.name], source_skipped, source_bad = _finalize_source(plan, source, tok, dedup, files)
         skipped.update(source_skipped)
         bad += source_bad
-    manifest = _write_manifest(plan, tok, sources, skipped, bad)
+    phases = {**(phases or {}), "finalize": clock.lap(tasks=1)}
+    manifest = _write_manifest(plan, tok, sources, skipped, bad, phases)
     if skipped:
         log.warning("skipped %d bad record(s) (%s); first: %s", sum(skipped.values()),
                     ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())), "; ".join(bad[:BAD_EXAMPLES]))

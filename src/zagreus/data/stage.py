@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from zagreus.data import pipeline, shards
+from zagreus.data.pipeline import PhaseClock
 from zagreus.data.filters import LanguageFilter
 from zagreus.errors import UserError
 from zagreus.recipe import DataSection, Recipe, TokenizerSection
@@ -56,6 +57,7 @@ def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection
     """Run the stage; returns the manifest, or on Slurm with `dry_run` the sbatch scripts, without `wait`
     the lines naming the jobs submitted."""
     data_dir = Path(data_dir)
+    clock = PhaseClock()
     if data.filters.languages:
         try:
             LanguageFilter(data.filters.languages, data.filters.language_threshold)
@@ -74,6 +76,7 @@ def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection
         raise UserError(f"{data_dir} already holds shards of another plan (inputs, filters or tokenizer changed); "
                         "remove the folder or write to another one")
     plan.save()
+    phases = {"plan": clock.lap(tasks=1)}
     cfg = data.executor
     # One logging folder per plan: datatrove's completion markers of another plan must not skip tasks.
     logging_dir = (Path(resolve(cfg.logging_dir)) if cfg.logging_dir else data_dir / "logs") / plan.hash
@@ -106,9 +109,14 @@ def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection
         run_datatrove_local(plan, cfg, logging_dir)
     else:
         pipeline.run_local(plan, cfg.workers, show_progress)
-    manifest = pipeline.finalize(plan)
+    phases["units"] = clock.lap(tasks=cfg.tasks or cfg.workers if cfg.kind == "datatrove" else cfg.workers)
+    manifest = pipeline.finalize(plan, phases, clock)
     log.info("wrote %s: %s train tokens, %s val tokens", data_dir, f"{manifest['totals']['train']['tokens']:,}",
              f"{manifest['totals']['val']['tokens']:,}")
+    wall = sum(p["wall_s"] for p in manifest["phases"].values())
+    serial = manifest["phases"]["plan"]["wall_s"] + manifest["phases"]["finalize"]["wall_s"]
+    log.info("time: %s; %.1f%% of the wall time in single-task phases (plan, finalize)",
+             ", ".join(f"{k} {v['wall_s']:.1f} s" for k, v in manifest["phases"].items()), 100 * serial / max(wall, 1e-9))
     return manifest
 
 
