@@ -151,6 +151,27 @@ def test_any_worker_count_and_executor_gives_identical_bytes(tmp_path, corpus):
     assert it["units"]["used"] < it["units"]["total"]  # the budget stopped reading early
 
 
+def test_ray_executor_gives_the_local_bytes(tmp_path, corpus):
+    """`data.executor.kind: ray` on a real local Ray instance (ray.init() here, 2 CPUs): 3 tasks of
+    datatrove's RayPipelineExecutor, then finalize; the same files as our local pool."""
+    ray = pytest.importorskip("ray")
+    data = DataSection(sources=[{"name": "en", "path": str(corpus), "language": "en"}],
+                       filters={"min_chars": 500, "dedup": "exact"}, validation_fraction=0.2, unit_bytes=48 << 10,
+                       shard_tokens=10_000)
+    tokenize_data(DataSection(**{**data.model_dump(), "executor": {"kind": "local", "workers": 1}}), tmp_path / "local",
+                  LLAMA3, show_progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        manifest = tokenize_data(DataSection(**{**data.model_dump(), "executor": {"kind": "ray", "workers": 2,
+                                                                                  "tasks": 3}}),
+                                 tmp_path / "ray", LLAMA3, show_progress=False)
+    finally:
+        ray.shutdown()
+    assert manifest["phases"]["units"]["tasks"] == 3
+    ref = output_bytes(tmp_path / "local")
+    assert len([k for k in ref if k.endswith(".ds")]) > 2 and output_bytes(tmp_path / "ray") == ref
+
+
 def test_validation_split_follows_text_hash(quick_run, corpus, tmp_path):
     texts = [json.loads(line)["text"] for line in corpus.open(encoding="utf-8")]
     data = DataSection(**{**quick_data_section([str(corpus)], 1).model_dump(), "validation_fraction": 0.25})

@@ -115,8 +115,10 @@ class FiltersSection(Strict):
 
 
 class ExecutorSection(Strict):
-    kind: Literal["local", "datatrove", "slurm"] = Field(
-        "local", description="local: our process pool; datatrove: its LocalPipelineExecutor; slurm: its SlurmPipelineExecutor")
+    kind: Literal["local", "datatrove", "slurm", "ray"] = Field(
+        "local", description="local: our process pool; datatrove: its LocalPipelineExecutor; slurm: its "
+                             "SlurmPipelineExecutor; ray: its RayPipelineExecutor on the Ray cluster of RAY_ADDRESS "
+                             "(or a local one), for clouds without Slurm")
     workers: int = Field(2, ge=1)
     tasks: int = Field(0, ge=0, description="shards of work; 0 means one per worker")
     partition: str | None = None

@@ -1,4 +1,5 @@
-"""The tokenize stage on datatrove's executors (LocalPipelineExecutor, SlurmPipelineExecutor).
+"""The tokenize stage on datatrove's executors (LocalPipelineExecutor, SlurmPipelineExecutor,
+RayPipelineExecutor).
 
 Two datatrove pipeline steps wrap our phases: `TokenizeUnits` (task `rank` of `world` processes
 the work units rank, rank + world, ... — round-robin over the fixed plan, so the output does not
@@ -70,6 +71,26 @@ def run_datatrove_local(plan: Plan, cfg: ExecutorSection, logging_dir: Path) -> 
     threads = max(1, available_cores() // cfg.workers)
     executor = LocalPipelineExecutor([TokenizeUnits(str(plan.data_dir), plan.hash, threads)], tasks=_tasks(cfg),
                                      workers=cfg.workers, logging_dir=str(logging_dir / "units"), skip_completed=False)
+    executor.run()
+
+
+def run_ray(plan: Plan, cfg: ExecutorSection, logging_dir: Path) -> None:
+    """Units as tasks of datatrove's RayPipelineExecutor; finalize in this process, as for `datatrove`.
+
+    Joins the Ray cluster this process is connected to, else the one RAY_ADDRESS names, else starts a
+    local one (`ray.init()`). Every node must see the data folder at the same path (a shared
+    filesystem), as Slurm's nodes do."""
+    try:
+        import ray
+        from datatrove.executor.ray import RayPipelineExecutor
+    except ImportError:
+        raise UserError("data.executor.kind: ray needs the ray package: pip install 'ray>=2.40'") from None
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    threads = max(1, cfg.cpus_per_task)
+    executor = RayPipelineExecutor([TokenizeUnits(str(plan.data_dir), plan.hash, threads)], tasks=_tasks(cfg),
+                                   workers=cfg.workers, logging_dir=str(logging_dir / "units"), skip_completed=False,
+                                   cpus_per_task=cfg.cpus_per_task, mem_per_cpu_gb=cfg.mem_per_cpu_gb)
     executor.run()
 
 

@@ -107,9 +107,13 @@ def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection
         from zagreus.data.executors import run_datatrove_local  # imports datatrove, as above
 
         run_datatrove_local(plan, cfg, logging_dir)
+    elif cfg.kind == "ray":
+        from zagreus.data.executors import run_ray  # imports datatrove and ray, as above
+
+        run_ray(plan, cfg, logging_dir)
     else:
         pipeline.run_local(plan, cfg.workers, show_progress)
-    phases["units"] = clock.lap(tasks=cfg.tasks or cfg.workers if cfg.kind == "datatrove" else cfg.workers)
+    phases["units"] = clock.lap(tasks=cfg.tasks or cfg.workers if cfg.kind in ("datatrove", "ray") else cfg.workers)
     manifest = pipeline.finalize(plan, phases, clock)
     log.info("wrote %s: %s train tokens, %s val tokens", data_dir, f"{manifest['totals']['train']['tokens']:,}",
              f"{manifest['totals']['val']['tokens']:,}")
