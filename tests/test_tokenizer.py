@@ -110,3 +110,67 @@ def test_batch_with_specials_equals_one_at_a_time(llama3_tokenizer, exported, tm
     # The special-token string is one id with specials allowed, and text without.
     assert llama3_tokenizer.encode_batch(["<|eot_id|>"], allow_special=True) == [[llama3_tokenizer.special_tokens["<|eot_id|>"]]]
     assert len(llama3_tokenizer.encode_batch(["<|eot_id|>"])[0]) > 1
+
+
+@pytest.fixture()
+def fresh_llama3(monkeypatch):
+    """A Llama-3 tokenizer of its own (not load_tokenizer's cached one) that switches to fastokens at once."""
+    import zagreus.tokenizer as tokenizer
+
+    monkeypatch.setattr(tokenizer, "FAST_AFTER_CHARS", 0)
+    return tokenizer.Tokenizer.from_tiktoken_file(llama3_model_path(), name="llama3")
+
+
+def test_fastokens_matches_tiktoken(handbook_path, reference_encoding, llama3_tokenizer):
+    """fastokens' ids, single and batch, are tiktoken's on the hard strings and on handbook pages."""
+    pytest.importorskip("fastokens")
+    from zagreus.tokenizer import _load_fastokens
+
+    fast = _load_fastokens(llama3_tokenizer)
+    assert fast is not None
+    pages = [json.loads(line)["text"] for line in handbook_path.open(encoding="utf-8")][::60]
+    for texts in (HARD_STRINGS, pages):
+        want = reference_encoding.encode_ordinary_batch(texts)
+        assert [fast.encode_ordinary(t).ids for t in texts] == want
+        assert [e.ids for e in fast.encode_batch(texts, split_special_tokens=True)] == want
+
+
+def test_tokenizer_encodes_with_fastokens(fresh_llama3, reference_encoding):
+    pytest.importorskip("fastokens")
+    tok = fresh_llama3
+    want = reference_encoding.encode_ordinary_batch(HARD_STRINGS)
+    assert tok.encode_batch(HARD_STRINGS) == want
+    assert tok._fast, "fastokens was not loaded"
+    assert [tok.encode(t) for t in HARD_STRINGS] == want
+    assert tok.identity() == load_tokenizer("llama3").identity()  # shards made with tiktoken still match
+    assert tok.encode(HARD_STRINGS[6], allow_special=True)[:1] == [tok.bos_id]  # specials stay tiktoken's
+
+
+def test_tiktoken_when_fastokens_is_missing_or_fails(fresh_llama3, reference_encoding, monkeypatch):
+    import sys
+
+    tok = fresh_llama3
+    want = reference_encoding.encode_ordinary_batch(HARD_STRINGS)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "fastokens", None)  # import fastokens raises ImportError
+        assert tok.encode_batch(HARD_STRINGS) == want
+    assert tok._fast is False
+    assert [tok.encode(t) for t in HARD_STRINGS] == want
+
+    import zagreus.tokenizer as tokenizer
+
+    def unconvertible(_tok):
+        raise RuntimeError("no tokenizer.json")
+
+    monkeypatch.setattr(tokenizer, "_llama3_hf_from_tiktoken", unconvertible)  # installed but fails to load
+    assert tokenizer._load_fastokens(tok) is None
+
+    class Broken:
+        def encode_ordinary(self, text):
+            raise RuntimeError("engine failure")
+
+        encode_batch = encode_ordinary
+
+    tok._fast = Broken()  # an engine that fails on a text leaves it to tiktoken
+    assert tok.encode_batch(HARD_STRINGS) == want
+    assert [tok.encode(t) for t in HARD_STRINGS] == want

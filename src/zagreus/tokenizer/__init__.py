@@ -10,6 +10,11 @@ ends a piece whatever follows (`_pieces`): the ids of the whole text in bounded 
 Face tokenizers take about 140 bytes per character of a text encoded at once (7.0 GB peak for one
 50 MB document in `zagreus data tokenize`, 0.96 GB in pieces). A tokenizer.json with another
 pre-tokenizer or a normalizer is encoded whole: keep `data.filters.max_chars` within its reach.
+
+Ordinary text (special-token strings as text) of the Llama-3 tokenizer goes through fastokens when
+it is installed, once a process has encoded FAST_AFTER_CHARS characters: the same ids as tiktoken
+(benchmarks/bpe_engines.py: every handbook page, the hard strings of the tests, reversed text),
+5-8x its tokens/s. tiktoken stays the fallback, and it alone defines the tokenizer's identity.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from zagreus.errors import UserError, read_json
+
+log = logging.getLogger(__name__)
 
 # The split pattern of Llama-3 (and of our trained tokenizers).
 LLAMA3_PATTERN = (
@@ -40,6 +48,13 @@ CHUNK_CHARS = 1 << 18  # a longer text is encoded piece by piece, pieces of abou
 # that looks ahead, \s+(?!\S), never makes the piece ending there; so the pieces' ids are the whole
 # text's. Python's \s takes in every character the pattern's \s does (Unicode White_Space): its \S is safe.
 _CUT = re.compile(r"(?<=\S)(?= )|(?<=\n)(?=\S)")
+
+# Making the fastokens engine takes ~4 s (a tokenizer.json from the ranks, then fastokens reads it),
+# about what tiktoken spends on 32 MB: a process encodes that much with tiktoken before switching.
+FAST_AFTER_CHARS = 32 << 20
+# Checked at load: an engine that encodes any of these unlike tiktoken is not used.
+_FAST_PROBES = ["Ciao! 👋🏽 perché no… «x» 日本語 한국어 façade 12345678 3.14",
+                "a  b\n\n\t\tx\r\n   \n  y   ", "<|begin_of_text|><|eot_id|> <|im_start|>", "\u200b\u00a0\ufeff", ""]
 
 
 def _pieces(text: str, size: int) -> Iterator[str]:
@@ -105,6 +120,8 @@ class Tokenizer:
         self.eos_id = special_tokens[EOS]
         self._id_to_special = {v: k for k, v in special_tokens.items()}
         self._in_pieces = tiktoken_enc is not None or _splits_like_llama3(hf)  # tiktoken's pattern is LLAMA3_PATTERN
+        self._fast = None  # the fastokens engine for ordinary text once loaded, False where it cannot be
+        self._tt_chars = 0  # characters of ordinary text encoded by tiktoken so far
 
     # --- construction -------------------------------------------------------------------
     @classmethod
@@ -162,9 +179,23 @@ class Tokenizer:
     def _long(self, text: str) -> bool:
         return len(text) > CHUNK_CHARS and self._in_pieces
 
+    def _fast_engine(self, chars: int):
+        """The fastokens engine for ordinary text, loaded once FAST_AFTER_CHARS have gone through
+        tiktoken; None while tiktoken encodes (always, where fastokens is missing or fails to load)."""
+        if self._fast is None and self._tt is not None:
+            self._tt_chars += chars
+            if self._tt_chars >= FAST_AFTER_CHARS:
+                self._fast = _load_fastokens(self) or False
+        return self._fast or None
+
     def _at_once(self, text: str) -> list[int]:
         """Special-token strings as text (the Hugging Face backend is loaded that way)."""
         if self._tt is not None:
+            if (fast := self._fast_engine(len(text))) is not None:
+                try:
+                    return fast.encode_ordinary(text).ids
+                except Exception as exc:  # noqa: BLE001 - e.g. a PCRE2 limit; tiktoken gives the same ids
+                    log.debug("fastokens failed on a text (%s); tiktoken encodes it", exc)
             return self._tt.encode_ordinary(text)
         # encode_batch releases the GIL where encode holds it (about 1 s per MB): the server
         # tokenizes on helper threads and its event loop must keep answering meanwhile.
@@ -192,7 +223,14 @@ class Tokenizer:
                 self._hf.encode_special_tokens = True
         short = [t for t in texts if not self._long(t)]
         if self._tt is not None:
-            encoded = iter(self._tt.encode_ordinary_batch(short))
+            encoded = None
+            if (fast := self._fast_engine(sum(map(len, short)))) is not None:
+                try:
+                    encoded = iter([e.ids for e in fast.encode_batch(short, split_special_tokens=True)])
+                except Exception as exc:  # noqa: BLE001 - as in _at_once
+                    log.debug("fastokens failed on a batch (%s); tiktoken encodes it", exc)
+            if encoded is None:
+                encoded = iter(self._tt.encode_ordinary_batch(short))
         else:
             encoded = iter([e.ids for e in self._hf.encode_batch(short, add_special_tokens=False)])
         return [self._ordinary(t) if self._long(t) else next(encoded) for t in texts]
@@ -279,6 +317,26 @@ def _llama3_hf_from_tiktoken(tok: Tokenizer):
         if hf.token_to_id(name) != idx:
             raise RuntimeError(f"special token {name} got id {hf.token_to_id(name)} instead of {idx}")
     return hf
+
+
+def _load_fastokens(tok: Tokenizer):
+    """fastokens over `tok`'s tiktoken ranks and LLAMA3_PATTERN (through its tokenizer.json: fastokens'
+    own tiktoken reader refuses Llama-3's ranks), or None, logged, where it is missing or unlike tiktoken."""
+    try:
+        import fastokens
+    except ImportError:
+        log.debug("fastokens is not installed; tiktoken encodes")
+        return None
+    try:
+        hf = _llama3_hf_from_tiktoken(tok)
+        hf.post_processor = None  # bare ids, no BOS
+        fast = fastokens.Tokenizer.from_json_str(hf.to_str())
+        if [fast.encode_ordinary(p).ids for p in _FAST_PROBES] != [tok._tt.encode_ordinary(p) for p in _FAST_PROBES]:
+            raise RuntimeError("its ids differ from tiktoken's")
+    except Exception as exc:  # noqa: BLE001 - any failure of the optional engine leaves tiktoken
+        log.warning("fastokens not used for %s (%s); tiktoken encodes", tok.name, exc)
+        return None
+    return fast
 
 
 @functools.lru_cache(maxsize=8)
