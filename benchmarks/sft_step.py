@@ -20,7 +20,7 @@ How:
   optimizer and the training steps. Both use torch.set_num_threads(--threads), fp32, CPU.
 - ours: render(..., "chatml") -> to_sequence -> build_rows(packing=True) (next-fit in a seeded
   shuffled order) -> packed_batch (block-diagonal causal mask, per-conversation positions) ->
-  token_losses(reduction="sum") / trained tokens -> backward -> clip 1.0 -> torch AdamW.
+  token_losses(reduction="sum") / trained tokens -> backward -> clip 1.0 -> our fused AdamW.
 - trl: SFTTrainer on a `messages` dataset, SFTConfig(packing=True (strategy "bfd", which turns
   on padding_free: the batch's rows are flattened into one [1, sum of lengths] sequence and
   transformers' SDPA attention is given a block-diagonal mask found from position_ids),
@@ -32,8 +32,9 @@ How:
   so attention is not computed over the whole batch) and "trl-gc" (gradient checkpointing on,
   TRL's SFTConfig default). With trl-accum, ours runs the same layout too ("ours-accum": one row
   per micro-batch, --batch accumulated), and the two are compared.
-- Same AdamW settings on both sides (lr --lr, betas 0.9/0.999, eps 1e-8, weight decay 0,
-  torch's default foreach implementation). --batch rows per optimizer step on both sides.
+- Same AdamW settings on both sides (lr --lr, betas 0.9/0.999, eps 1e-8, weight decay 0); each
+  side its own optimizer build: ours `zagreus.train.optim.build_optimizer` (torch's fused AdamW,
+  as `zagreus sft` runs it), TRL's `adamw_torch` (torch's foreach AdamW). --batch rows per optimizer step on both sides.
 - Timing: --warmup steps are excluded, then --steps steps are timed from the end of the last
   warm-up step to the end of the last step (data collation, forward, backward, clipping and the
   optimizer step included; TRL's per-step metrics such as entropy and token accuracy too, as it
@@ -209,7 +210,12 @@ def run_ours(args, work: Path, accumulate: bool = False) -> dict:
     device = torch.device("cpu")
     model = load_hf(work / "model", device=device)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    # Our stage's optimizer (zagreus.train.optim: torch's fused AdamW kernel where available), with
+    # the peer's settings.
+    from zagreus.recipe import OptimizerSection
+    from zagreus.train.optim import build_optimizer
+
+    opt = build_optimizer(model, OptimizerSection(lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0))
     rss_setup = rss_mib()
     n_steps = args.warmup + args.steps
     if len(rows) < n_steps * args.batch:
