@@ -129,6 +129,12 @@ class ExecutorSection(Strict):
     job_name: str = "zagreus-data"
     env_command: str | None = Field(None, description="slurm: shell line activating the environment (default: this venv)")
 
+    @property
+    def task_count(self) -> int:
+        """The tasks the work units are shared among: `tasks` on datatrove's executors (0: one per
+        worker), the workers of our local pool."""
+        return self.workers if self.kind == "local" else self.tasks or self.workers
+
 
 class DataSection(Strict):
     sources: list[Source]

@@ -60,16 +60,12 @@ class FinalizeShards(PipelineStep):
         return None
 
 
-def _tasks(cfg: ExecutorSection) -> int:
-    return cfg.tasks or cfg.workers
-
-
 def run_datatrove_local(plan: Plan, cfg: ExecutorSection, logging_dir: Path) -> None:
     """Units under LocalPipelineExecutor; finalize in this process (it is one task anyway)."""
     # Unit files are our completion markers; datatrove's per-rank markers would wrongly skip a
     # rank after the number of tasks changed, so they are not used.
     threads = max(1, available_cores() // cfg.workers)
-    executor = LocalPipelineExecutor([TokenizeUnits(str(plan.data_dir), plan.hash, threads)], tasks=_tasks(cfg),
+    executor = LocalPipelineExecutor([TokenizeUnits(str(plan.data_dir), plan.hash, threads)], tasks=cfg.task_count,
                                      workers=cfg.workers, logging_dir=str(logging_dir / "units"), skip_completed=False)
     executor.run()
 
@@ -88,7 +84,7 @@ def run_ray(plan: Plan, cfg: ExecutorSection, logging_dir: Path) -> None:
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     threads = max(1, cfg.cpus_per_task)
-    executor = RayPipelineExecutor([TokenizeUnits(str(plan.data_dir), plan.hash, threads)], tasks=_tasks(cfg),
+    executor = RayPipelineExecutor([TokenizeUnits(str(plan.data_dir), plan.hash, threads)], tasks=cfg.task_count,
                                    workers=cfg.workers, logging_dir=str(logging_dir / "units"), skip_completed=False,
                                    cpus_per_task=cfg.cpus_per_task, mem_per_cpu_gb=cfg.mem_per_cpu_gb)
     executor.run()
@@ -101,7 +97,7 @@ def slurm_executors(plan: Plan, cfg: ExecutorSection, logging_dir: Path) -> tupl
     # sbatch wants an integer amount: a fractional "2.5G" would be rejected, so pass megabytes.
     common = dict(time=cfg.time, partition=cfg.partition, cpus_per_task=cfg.cpus_per_task, env_command=env,
                   sbatch_args={"mem-per-cpu": f"{round(cfg.mem_per_cpu_gb * 1024)}M"}, skip_completed=True)
-    units = SlurmPipelineExecutor([TokenizeUnits(str(plan.data_dir), plan.hash, cfg.cpus_per_task)], tasks=_tasks(cfg),
+    units = SlurmPipelineExecutor([TokenizeUnits(str(plan.data_dir), plan.hash, cfg.cpus_per_task)], tasks=cfg.task_count,
                                   workers=cfg.workers, job_name=f"{cfg.job_name}-units",
                                   logging_dir=str(logging_dir / "units"), **common)
     final = SlurmPipelineExecutor([FinalizeShards(str(plan.data_dir), plan.hash)], tasks=1,

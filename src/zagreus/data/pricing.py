@@ -60,8 +60,7 @@ def price(data: DataSection, tokenizer: TokenizerSection) -> DataPrice | None:
     token_bytes = 4 if vocab > 65536 else 2  # zagreus.data.shards.token_dtype
     text = data.tokens * BYTES_PER_TOKEN
     units = max(1, round(text / data.unit_bytes))
-    ex = data.executor
-    tasks = max(1, ex.tasks or ex.workers)
+    tasks = data.executor.task_count
     cpu_hours = data.tokens / TOKENS_PER_CPU_SECOND / 3600
     shards = data.tokens * token_bytes
     # A task encodes on one core (docs/benchmarks.md: threads oversubscribe), so tasks run side by side.

@@ -113,7 +113,7 @@ def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection
         run_ray(plan, cfg, logging_dir)
     else:
         pipeline.run_local(plan, cfg.workers, show_progress)
-    phases["units"] = clock.lap(tasks=cfg.tasks or cfg.workers if cfg.kind in ("datatrove", "ray") else cfg.workers)
+    phases["units"] = clock.lap(tasks=cfg.task_count)
     manifest = pipeline.finalize(plan, phases, clock)
     log.info("wrote %s: %s train tokens, %s val tokens", data_dir, f"{manifest['totals']['train']['tokens']:,}",
              f"{manifest['totals']['val']['tokens']:,}")

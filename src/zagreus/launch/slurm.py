@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zagreus.errors import UserError
+from zagreus.post.ranks import post_dims
 from zagreus.recipe import Recipe, load_recipe
 from zagreus.train.parallel import ParallelDims
 
@@ -93,11 +94,15 @@ def check_layout(recipe_path: Path, job: SlurmJob) -> None:
     dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size=job.nodes * job.procs)
     dims.check_model(recipe.model.resolve(), recipe.pretrain.seq_len)
     dims.check_features(recipe.pretrain.activation_checkpointing, recipe.pretrain.compile)
-    if dims.tp > job.procs:
-        unit = "CPU processes" if job.cpu else "GPUs"
-        raise UserError(f"{recipe_path}: pretrain.parallel.tp = {dims.tp} spans nodes ({job.procs} {unit} each); "
-                        f"keep tp within a node (tp <= {job.procs})")
+    _tp_within_node(recipe_path, "pretrain", dims.tp, job)
     _check_device(recipe_path, "pretrain", recipe.pretrain.device, job)
+
+
+def _tp_within_node(recipe_path: Path, section: str, tp: int, job: SlurmJob) -> None:
+    if tp > job.procs:
+        unit = "CPU processes" if job.cpu else "GPUs"
+        raise UserError(f"{recipe_path}: {section}.parallel.tp = {tp} spans nodes ({job.procs} {unit} each); "
+                        f"keep tp within a node (tp <= {job.procs})")
 
 
 def _head(name: str, nodes: int, gpus_per_node: int, log_dir: Path, job: SlurmJob, cpus: int | None = None) -> list[str]:
@@ -241,15 +246,7 @@ def write_sbatch(recipe_path: Path, job: SlurmJob, out: Path | None = None, stag
                 raise UserError(f"--stage {stage}: {recipe_path} has no '{stage}:' section")
             sec = getattr(recipe, stage)
             _check_device(recipe_path, stage, sec.device, job)
-            par = sec.parallel
-            if par.pp > 1:
-                raise UserError(f"{recipe_path}: {stage}.parallel.pp: pipeline parallelism is for pretraining; "
-                                f"post-training runs dp_shard, dp_replicate and tp (set pp to 1)")
-            dims = ParallelDims.resolve(par.dp_replicate, par.dp_shard, par.tp, 1, world_size=job.nodes * job.procs,
-                                        where=f"{stage}.parallel")
-            if dims.tp > job.procs:
-                raise UserError(f"{recipe_path}: {stage}.parallel.tp = {dims.tp} spans nodes ({job.procs} per node); "
-                                f"keep tp within a node (tp <= {job.procs})")
+            _tp_within_node(recipe_path, stage, post_dims(stage, sec.parallel, job.nodes * job.procs).tp, job)
     if "pretrain" in stages:
         check_layout(recipe_path, job)
     workdir = Path.cwd()

@@ -5,7 +5,6 @@ output folder, resume, checkpoints, metrics, summary. The stages differ only in 
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
@@ -17,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from zagreus import __version__
 from zagreus.checkpoint import load_init
@@ -24,6 +24,7 @@ from zagreus.devices import pick_device
 from zagreus.errors import UserError
 from zagreus.model.hf import save_hf
 from zagreus.post.chat import jinja_template, stop_token_ids
+from zagreus.post.datasets import dataset_files
 from zagreus.post.ranks import Ranks, gathered_model, open_ranks, shard_model
 from zagreus.post.shards import ChatShards, prepare_shards
 from zagreus.recipe import dump_recipe
@@ -88,16 +89,24 @@ def pad_id(tokenizer) -> int:
     return tokenizer.eos_id
 
 
-def padded_length(seqs, multiple: int = 1) -> int:
-    """The longest sequence's length, rounded up to `multiple` (tensor parallelism shards T)."""
-    return -(-max(len(s) for s in seqs) // multiple) * multiple
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple` (a batch's T, which tensor parallelism shards)."""
+    return -(-n // multiple) * multiple
+
+
+def vocab_parallel_nll(logits, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Cross-entropy of vocabulary-sharded logits (a tensor-parallel model's; call inside
+    loss_parallel) as a plain tensor: [B, T] (0 where ignored) or the sum."""
+    nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction=reduction)
+    nll = nll.to_local()  # replicated over the TP group
+    return nll if reduction == "sum" else nll.view(labels.shape)
 
 
 def padded_batch(seqs: list[Sequence], pad: int, device: torch.device,
                  multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens, labels [B, T] padded on the right (T a multiple of `multiple`); causal attention
     never sees the padding."""
-    T = padded_length(seqs, multiple)
+    T = round_up(max(len(s) for s in seqs), multiple)
     tokens = torch.full((len(seqs), T), pad, dtype=torch.long)
     labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
     for b, s in enumerate(seqs):
@@ -231,12 +240,9 @@ def data_key(recipe, sec, tokenizer) -> dict:
     file, so an edited file is tokenized again), template, seq_len and tokenizer."""
     files = []
     for spec in sec.datasets:
-        for pattern in spec.paths() if spec.hub is None else []:
-            for f in sorted(glob.glob(str(recipe.resolve_path(pattern)))):
-                for p in sorted(Path(f).rglob("*")) if Path(f).is_dir() else [Path(f)]:
-                    if p.is_file():
-                        st = p.stat()
-                        files.append([str(p), st.st_size, st.st_mtime_ns])
+        for p in dataset_files(spec, recipe.resolve_path) if spec.hub is None else []:
+            st = p.stat()
+            files.append([str(p), st.st_size, st.st_mtime_ns])
     return {"datasets": [d.model_dump(mode="json") for d in sec.datasets], "files": files, "template": sec.template,
             "seq_len": sec.seq_len, "tokenizer": tokenizer.identity()}
 

@@ -149,23 +149,30 @@ def _hub_rows(hub: str, config: str | None, split: str) -> Iterator[tuple[str, A
         yield f"{hub}[{split}][{i}]", row
 
 
+def dataset_files(spec, resolve_path) -> list[Path]:
+    """The local files of one recipe dataset (`ChatDataset` with path:), in reading order: each
+    pattern's matches sorted, a folder's dataset files within it."""
+    out: list[Path] = []
+    for pattern in spec.paths():
+        files = sorted(glob.glob(str(resolve_path(pattern))))
+        if not files:
+            raise UserError(f"dataset path {pattern}: no file matches; fix the path in the recipe")
+        for f in map(Path, files):
+            if f.is_dir():
+                out += [inner for inner in sorted(f.rglob("*")) if inner.is_file() and (
+                    inner.suffix in (".jsonl", ".json", ".parquet") or inner.name.endswith((".jsonl.gz", ".jsonl.zst")))]
+            else:
+                out.append(f)
+    return out
+
+
 def dataset_rows(spec, resolve_path) -> Iterator[tuple[str, Any]]:
     """Rows of one recipe dataset (`ChatDataset`), local paths resolved by `resolve_path`."""
     if spec.hub is not None:
         yield from _hub_rows(spec.hub, spec.config, spec.split)
         return
-    for pattern in spec.paths():
-        files = sorted(glob.glob(str(resolve_path(pattern))))
-        if not files:
-            raise UserError(f"dataset path {pattern}: no file matches; fix the path in the recipe")
-        for f in files:
-            p = Path(f)
-            if p.is_dir():
-                for inner in sorted(p.rglob("*")):
-                    if inner.is_file() and (inner.suffix in (".jsonl", ".json", ".parquet") or inner.name.endswith((".jsonl.gz", ".jsonl.zst"))):
-                        yield from _local_rows(inner)
-            else:
-                yield from _local_rows(p)
+    for f in dataset_files(spec, resolve_path):
+        yield from _local_rows(f)
 
 
 # --- normalising rows -----------------------------------------------------------------------

@@ -36,6 +36,7 @@ from zagreus.errors import UserError
 from zagreus.post.chat import render
 from zagreus.post.common import (
     IGNORE, EpochTask, Sequence, StageStart, open_stage, pad_id, padded_batch, stand_in, to_sequence, train_stage,
+    vocab_parallel_nll,
 )
 from zagreus.post.datasets import PreferenceExample
 from zagreus.post.ranks import Ranks, reshard
@@ -80,9 +81,7 @@ def sequence_logprobs(model, tokens: torch.Tensor, labels: torch.Tensor, chunk_t
     """Summed log-probability of the labelled targets of each row ([B]); padding is on the right.
     vocab_parallel: a tensor-parallel model's vocabulary-sharded logits (call inside loss_parallel)."""
     if vocab_parallel:
-        logits = model(tokens)
-        nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
-        return -nll.to_local().view(labels.shape).float().sum(-1)
+        return -vocab_parallel_nll(model(tokens), labels, "none").float().sum(-1)
     hidden = model(tokens, return_hidden=True)
     lp = token_logprobs(hidden, model.lm_head.weight, labels, chunk_tokens, ignore_index=IGNORE)
     return lp.float().sum(-1)
@@ -129,7 +128,7 @@ def reference_logprobs(model, pairs: ChatShards, micro_batch: int, pad: int, ran
     model.eval()
     n = len(pairs)
     block = math.ceil(math.ceil(n / ranks.dp) / micro_batch) * micro_batch
-    mine = ranks.block(list(range(n)), block)
+    mine = ranks.block(range(n), block)  # a range: no list of every pair
     out = torch.zeros(block, 2, dtype=torch.float64)
     for start in tqdm(range(0, block, micro_batch), desc="dpo reference", unit="batch", disable=None):
         idx = mine[start : start + micro_batch]

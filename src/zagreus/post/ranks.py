@@ -87,18 +87,23 @@ class Ranks:
         return loss_parallel()
 
 
-def open_ranks(stage: str, sec, device: torch.device) -> Ranks:
-    """The ranks from torchrun's environment and `<stage>.parallel`; initialises torch.distributed."""
-    from zagreus.train.loop import init_distributed
-    from zagreus.train.parallel import ParallelDims, build_mesh, dp_mesh
+def post_dims(stage: str, par, world: int):
+    """The degrees of `<stage>.parallel` over `world` processes (ParallelDims); pp is refused."""
+    from zagreus.train.parallel import ParallelDims
 
-    info = init_distributed(device.type)
-    par = sec.parallel
     if par.pp > 1:
         raise UserError(f"{stage}.parallel.pp: pipeline parallelism is for pretraining; post-training runs dp_shard, "
                         f"dp_replicate and tp. Set {stage}.parallel.pp to 1")
-    dims = ParallelDims.resolve(par.dp_replicate, par.dp_shard, par.tp, 1, world_size=info.world,
-                                where=f"{stage}.parallel")
+    return ParallelDims.resolve(par.dp_replicate, par.dp_shard, par.tp, 1, world_size=world, where=f"{stage}.parallel")
+
+
+def open_ranks(stage: str, sec, device: torch.device) -> Ranks:
+    """The ranks from torchrun's environment and `<stage>.parallel`; initialises torch.distributed."""
+    from zagreus.train.loop import init_distributed
+    from zagreus.train.parallel import build_mesh, dp_mesh
+
+    info = init_distributed(device.type)
+    dims = post_dims(stage, sec.parallel, info.world)
     if info.world == 1:
         return Ranks(device=device)
     mesh = build_mesh(dims, device.type)

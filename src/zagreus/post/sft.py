@@ -24,7 +24,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from zagreus.devices import autocast
 from zagreus.post.chat import render
@@ -33,7 +32,8 @@ from zagreus.post.ranks import Ranks
 from zagreus.post.shards import ChatShards, Encoded
 from zagreus.rundir import RunDir
 from zagreus.post.common import (
-    IGNORE, EpochTask, Sequence, open_stage, pad_id, padded_batch, stand_in, to_sequence, train_stage,
+    IGNORE, EpochTask, Sequence, open_stage, pad_id, padded_batch, round_up, stand_in, to_sequence, train_stage,
+    vocab_parallel_nll,
 )
 from zagreus.train.losses import chunked_cross_entropy
 from zagreus.train.trainer import StepResult
@@ -101,7 +101,7 @@ class Rows:
 def packed_batch(rows: list[list[Sequence]], pad: int, device: torch.device, multiple: int = 1) -> Batch:
     """Rows of several conversations each, with document masking and per-conversation positions
     (T a multiple of `multiple`)."""
-    T = -(-max(sum(len(s) for s in row) for row in rows) // multiple) * multiple
+    T = round_up(max(sum(len(s) for s in row) for row in rows), multiple)
     B = len(rows)
     tokens = torch.full((B, T), pad, dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
@@ -135,10 +135,7 @@ def token_losses(model, batch: Batch, chunk_tokens: int = 4096, reduction: str =
     """Cross-entropy of every target ([B, T], 0 where ignored), or its sum. vocab_parallel: the
     model is tensor-parallel and its logits sharded on the vocabulary (call inside loss_parallel)."""
     if vocab_parallel:
-        logits = model(batch.tokens, positions=batch.positions, mask=batch.mask)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE, reduction=reduction)
-        loss = loss.to_local()  # replicated over the TP group
-        return loss if reduction == "sum" else loss.view(batch.labels.shape)
+        return vocab_parallel_nll(model(batch.tokens, positions=batch.positions, mask=batch.mask), batch.labels, reduction)
     hidden = model(batch.tokens, positions=batch.positions, mask=batch.mask, return_hidden=True)
     return chunked_cross_entropy(hidden, model.lm_head.weight, batch.labels, chunk_tokens, ignore_index=IGNORE,
                                  reduction=reduction)
