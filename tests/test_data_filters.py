@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from zagreus.data import shards
-from zagreus.data.filters import MinHasher, NearDupIndex, quality_reason
+from zagreus.data.filters import MinHasher, band_keys, quality_reason
 from zagreus.data.stage import tokenize_data
 from zagreus.recipe import DataSection, TokenizerSection
 
@@ -59,17 +59,20 @@ def test_dedup_removes_planted_exact_and_near_duplicates_and_keeps_the_rest(tmp_
 
 def test_minhash_estimates_jaccard_and_is_deterministic():
     rng = np.random.default_rng(0)
-    a = rng.integers(0, 50_000, 3000)
-    b = a.copy()
-    b[::10] = 7  # 10% of tokens changed -> about half of the 5-gram shingles differ
+    words = [f"w{i}" for i in rng.integers(0, 5_000, 3000)]
+    changed = [("x" if i % 10 == 0 else w) for i, w in enumerate(words)]  # ~40% of the 5-word shingles differ
+    a, b = " ".join(words), " ".join(changed)
     h1, h2 = MinHasher(128, 5), MinHasher(128, 5)
     s1, s2 = h1.signature(a), h2.signature(b)
     assert np.array_equal(s1, h2.signature(a))  # same seed, same signature, in any process
-    sa, sb = set(h1.shingles(a).tolist()), set(h1.shingles(b).tolist())
-    true_j = len(sa & sb) / len(sa | sb)
+    assert np.array_equal(s1, h1.signature("  " + a.upper() + "\n"))  # shingles of the normalised text
+    grams = lambda ws: {" ".join(ws[i:i + 5]) for i in range(len(ws) - 4)}
+    true_j = len(grams(words) & grams(changed)) / len(grams(words) | grams(changed))
+    assert len(h1.shingles(a)) == len(grams(words))  # one hash per distinct shingle, no collisions here
     assert abs(float(np.mean(s1 == s2)) - true_j) < 0.12
-    index = NearDupIndex(128, 16, 0.8)
-    assert not index.check_add(s1) and index.check_add(s1.copy()) and not index.check_add(s2)
+    keys = band_keys(np.stack([s1, s1.copy(), s2]), 16)
+    assert keys.shape == (3, 16) and np.array_equal(keys[0], keys[1])
+    assert (keys[0] == keys[2]).sum() < 16  # a band matches only where all 8 of its rows agree
 
 
 LANG_SCRIPT = """

@@ -20,6 +20,7 @@ import zstandard
 
 from conftest import HANDBOOK
 from zagreus import tokenizer
+from zagreus.data import shards
 from zagreus.data.sources import DamagedFile, plan_source, read_unit
 from zagreus.recipe import Source
 from zagreus.tokenizer import load_tokenizer, train_bpe
@@ -52,8 +53,14 @@ def tokenize(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def train_files(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "train").rglob("*")) if p.is_file()}
+def train_documents(out: Path) -> list[list[int]]:
+    """Every train document's token ids, in shard order (shards follow the work units, which differ
+    between a compressed file and its plain twin; the documents do not)."""
+    docs = []
+    for ds in sorted((out / "train").rglob("*.ds")):
+        tokens, ends = shards.read_tokens(ds), shards.read_document_ends(ds)
+        docs += [tokens[a:b].tolist() for a, b in zip([0, *ends[:-1]], ends)]
+    return docs
 
 
 # --- point 3: compressed and parquet inputs must reach their end marker --------------------------
@@ -94,7 +101,7 @@ def test_truncated_gzip_zstd_and_parquet_fail_in_one_line_or_are_skipped_whole(t
     # Intact compressed files give the bytes their uncompressed twins give.
     reference = tokenize("--input", str(plain), "--out", str(tmp_path / "ref"))
     assert reference.returncode == 0, reference.stderr
-    assert train_files(tmp_path / "skip") == train_files(tmp_path / "ref")
+    assert train_documents(tmp_path / "skip") == train_documents(tmp_path / "ref")
 
 
 def test_corrupt_bytes_inside_gzip_zstd_and_parquet_name_their_offset(tmp_path):

@@ -8,8 +8,8 @@
 - Training plus its dependent evaluation job (after:TRAINING): the progression table holds the
   kept checkpoints' rows when both end.
 - An sft job submitted afterok the training job runs `zagreus sft` to its export.
-- `zagreus data tokenize` with data.executor.kind slurm: datatrove's two job arrays, the second
-  afterok the first, then the shards byte-identical to the local executor's; `--no-wait` prints
+- `zagreus data tokenize` with data.executor.kind slurm: datatrove's job arrays, one per stage
+  (signatures, buckets, clusters, units, finalize), each afterok the one before, then the shards byte-identical to the local executor's; `--no-wait` prints
   the job ids.
 
 They skip without Slurm (slurm-wlm, munge) or root.
@@ -145,7 +145,8 @@ def test_training_then_eval_and_sft_jobs(slurm_cluster, data_dir, tmp_path):
 
 
 def test_data_tokenize_on_slurm_equals_local(slurm_cluster, handbook_path, tmp_path):
-    """datatrove's units array (2 tasks) and its finalize job afterok it; the shards equal the local executor's."""
+    """datatrove's job arrays (2 tasks each) for every stage, each afterok the one before; the shards
+    equal the local executor's."""
     from test_data_pipeline import LLAMA3, handbook_docs, output_bytes, write_jsonl
 
     from zagreus.data.stage import tokenize_data
@@ -161,23 +162,28 @@ def test_data_tokenize_on_slurm_equals_local(slurm_cluster, handbook_path, tmp_p
                              "time": "0:10:00"}}}))
     out = zagreus("data", "tokenize", str(path), "--no-wait", cwd=tmp_path).stdout
     jobs = submitted(out)
-    assert set(jobs) == {"zagreus-data-units", "zagreus-data-finalize"}, out
-    units, final = jobs["zagreus-data-units"], jobs["zagreus-data-finalize"]
-    assert f"afterok:{units}" in slurm_cluster.job(final)["Dependency"]  # still waiting on the array
-    assert slurm_cluster.job(units)["ArrayTaskId"].startswith(("0-1", "0,1", "0", "1"))
+    # exact dedup (the default filters) runs first: signatures, buckets, clusters, then units, finalize
+    chain = ["signatures", "buckets", "clusters", "units", "finalize"]
+    assert list(jobs) == [f"zagreus-data-{stage}" for stage in chain], out
+    ids = [jobs[f"zagreus-data-{stage}"] for stage in chain]
+    for before, after in zip(ids, ids[1:]):
+        assert f"afterok:{before}" in slurm_cluster.job(after)["Dependency"]  # each job waits on the one before
     assert not (run / "data" / "manifest.json").exists()
 
     local = tmp_path / "local"
     tokenize_data(DataSection(**data, executor={"kind": "local", "workers": 1}), local, LLAMA3, show_progress=False)
-    states = slurm_cluster.wait_end(f"{units}_0", f"{units}_1", final, timeout=180)
+    arrays = {stage: job for stage, job in zip(chain, ids) if stage in ("signatures", "buckets", "units")}
+    states = slurm_cluster.wait_end(*[f"{job}_{t}" for job in arrays.values() for t in (0, 1)],
+                                    jobs["zagreus-data-clusters"], jobs["zagreus-data-finalize"], timeout=240)
     assert set(states.values()) == {"COMPLETED"}, (states, slurm_cluster.logs())
     got = output_bytes(run / "data")
     assert len([k for k in got if k.endswith(".ds")]) >= 2
     assert got == output_bytes(local)
     finished = {r["JobID"]: r["State"] for r in slurm_cluster.completed()}
-    tasks = slurm_cluster.array_tasks(units)
-    assert sorted(tasks) == ["0", "1"], tasks
-    assert [finished[tasks["0"]], finished[tasks["1"]], finished[final]] == ["COMPLETED"] * 3, finished
+    for stage, job in arrays.items():  # every array really ran as two tasks
+        tasks = slurm_cluster.array_tasks(job)
+        assert sorted(tasks) == ["0", "1"], (stage, tasks)
+        assert [finished[tasks["0"]], finished[tasks["1"]]] == ["COMPLETED"] * 2, (stage, finished)
 
     # Without --no-wait the command waits for the jobs, then reports the manifest.
     waited = tmp_path / "data-waited"

@@ -133,6 +133,7 @@ class LanguageFilter:
 
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _PRIME = np.uint64(1099511628211)
+_PRIME_INVERSE = np.uint64(pow(1099511628211, -1, 2**64))
 
 
 def _splitmix(h: np.ndarray) -> np.ndarray:
@@ -144,27 +145,47 @@ def _splitmix(h: np.ndarray) -> np.ndarray:
 
 
 class MinHasher:
-    """MinHash signatures (uint32 x num_perm) of the token n-grams of a document."""
+    """MinHash signatures (uint32 x num_perm) of the word n-grams of a document's normalised text.
+
+    Shingles are hashed without a Python loop: a polynomial prefix hash over the UTF-8 bytes gives
+    any span's hash from two prefix values and a power of the inverse base (all arithmetic mod 2^64,
+    numpy's uint64 wrap-around), so one document costs a handful of array operations."""
 
     def __init__(self, num_perm: int = 112, ngram: int = 5, seed: int = 1234):
         rng = np.random.default_rng(seed)
         self.num_perm, self.ngram = num_perm, ngram
         self.a = rng.integers(1, 2**63, num_perm, dtype=np.uint64) | np.uint64(1)
         self.b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
+        self._powers = np.ones(1, np.uint64)     # _PRIME ** i, grown on demand
+        self._inverse = np.ones(1, np.uint64)    # _PRIME ** -i
 
-    def shingles(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.uint64)
-        n = min(self.ngram, len(ids))
-        if n == 0:
+    def _grow(self, n: int) -> None:
+        if len(self._powers) < n:
+            size = max(n, 2 * len(self._powers))
+            with np.errstate(over="ignore"):
+                self._powers, self._inverse = np.ones(size, np.uint64), np.ones(size, np.uint64)
+                np.cumprod(np.full(size - 1, _PRIME, np.uint64), out=self._powers[1:])  # wraps mod 2^64, as intended
+                np.cumprod(np.full(size - 1, _PRIME_INVERSE, np.uint64), out=self._inverse[1:])
+
+    def shingles(self, text: str) -> np.ndarray:
+        """The distinct hashes of the text's word n-grams (the whole text when it has fewer words)."""
+        raw = np.frombuffer(normalise(text).encode("utf-8"), dtype=np.uint8)
+        if len(raw) == 0:
             return np.zeros(1, dtype=np.uint64)
-        h = np.zeros(len(ids) - n + 1, dtype=np.uint64)
+        spaces = np.flatnonzero(raw == 32)   # normalised: words are separated by exactly one space
+        starts = np.concatenate([[0], spaces + 1])
+        ends = np.concatenate([spaces, [len(raw)]])
+        n = min(self.ngram, len(starts))
+        first, last = starts[:len(starts) - n + 1], ends[n - 1:]
+        self._grow(len(raw) + 1)
         with np.errstate(over="ignore"):
-            for k in range(n):  # polynomial hash of each n-gram; uint64 wrap-around is intended
-                h = h * _PRIME + ids[k:len(ids) - n + 1 + k]
-            return np.unique(_splitmix(h))
+            prefix = np.zeros(len(raw) + 1, np.uint64)
+            np.cumsum((raw.astype(np.uint64) + np.uint64(1)) * self._powers[:len(raw)], out=prefix[1:])
+            spans = (prefix[last] - prefix[first]) * self._inverse[first]
+            return np.unique(_splitmix(spans))
 
-    def signature(self, ids: np.ndarray) -> np.ndarray:
-        sh = self.shingles(ids)
+    def signature(self, text: str) -> np.ndarray:
+        sh = self.shingles(text)
         out = np.full(self.num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
         with np.errstate(over="ignore"):
             for lo in range(0, len(sh), 2048):
@@ -173,24 +194,13 @@ class MinHasher:
         return out
 
 
-class NearDupIndex:
-    """LSH over MinHash signatures; `check_add` says whether a document nearly repeats an earlier one."""
-
-    def __init__(self, num_perm: int, bands: int, threshold: float):
-        if num_perm % bands:
-            raise ValueError(f"minhash num_perm {num_perm} must be a multiple of bands {bands}")
-        self.bands, self.rows, self.threshold = bands, num_perm // bands, threshold
-        self._tables: list[dict[bytes, int]] = [{} for _ in range(bands)]
-        self._sigs: list[np.ndarray] = []
-
-    def check_add(self, sig: np.ndarray) -> bool:
-        keys = [sig[b * self.rows:(b + 1) * self.rows].tobytes() for b in range(self.bands)]
-        for table, key in zip(self._tables, keys):
-            j = table.get(key)
-            if j is not None and float(np.mean(self._sigs[j] == sig)) >= self.threshold:
-                return True
-        idx = len(self._sigs)
-        self._sigs.append(sig)
-        for table, key in zip(self._tables, keys):
-            table.setdefault(key, idx)
-        return False
+def band_keys(signatures: np.ndarray, bands: int) -> np.ndarray:
+    """One 64-bit key per LSH band of each signature ([docs, num_perm] -> [docs, bands]): two
+    documents share a band's key when they agree on all of its rows (up to hash collisions)."""
+    docs, num_perm = signatures.shape
+    rows = num_perm // bands
+    keys = np.zeros((docs, bands), np.uint64)
+    with np.errstate(over="ignore"):
+        for r in range(rows):
+            keys = _splitmix(keys * _PRIME + signatures[:, r::rows][:, :bands].astype(np.uint64))
+    return keys

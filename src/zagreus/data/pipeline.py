@@ -1,18 +1,19 @@
-"""The tokenize stage: plan work units, process them in parallel, merge into shards + manifest.
+"""The tokenize stage's work: [dedup] -> tokenize units -> finalize, each phase restartable.
 
-Three phases, each restartable:
-
-1. plan (one process): resolve the tokenizer (training the BPE first when the recipe asks for
-   one), split every source into deterministic work units (`sources.plan_source`), write
-   `.work/<plan hash>/plan.json`. The hash covers the data section (executor and on_error excluded), the
-   tokenizer identity and the inputs' sizes and mtimes, so a changed input never reuses stale work.
-2. units (any number of processes, any executor): read -> filter (length, language, quality) ->
-   tokenize -> dedup keys, written per unit to `units/NNNNN.npz` through an atomic rename; the
-   file's presence is the completion marker, so a killed run redoes only unfinished units.
-3. finalize (one process): walk the units in plan order, apply exact and MinHash dedup, the
-   per-source token budget and the validation split, write the shards, then manifest.json
-   last (atomically). It rewrites every shard from the unit files, so its output depends only
-   on the plan: byte-identical whatever the number of workers and however often it was killed.
+1. plan (one process, plan.py): the work units and the plan hash.
+2. dedup (dedup.py, only when `filters.dedup` is not none): signatures, buckets, clusters; the
+   list of documents to remove, whole corpus, before any token is written.
+3. units (any number of processes, any executor): read -> filter (length, language, quality; or,
+   after dedup, the documents the signature pass kept minus the removed ones) -> tokenize ->
+   the unit's final datatrove shards, `train|val/<source>/NNNNN-KKK.ds` (rolled over at
+   `shard_tokens`), then its summary `units/NNNNN.json` through an atomic rename: the summary's
+   presence marks the unit done, so a killed run redoes only unfinished units and rewrites their
+   shards under the same names.
+4. finalize (one process, metadata only): walks the units' summaries in plan order, applies the
+   per-source token budget (cutting the shards of the unit that crosses it in place, deleting
+   those of units past it), deletes whatever a killed worker left, writes manifest.json last
+   (atomically). No token is read or written again; the output depends only on the plan:
+   byte-identical whatever the number of tasks and however often it was killed.
 
 BOS/EOS policy: every document is written as [BOS] + ids (+ [EOS]) with recipe `add_bos`
 (default true, Llama-3's `<|begin_of_text|>` before each document) and `add_eos` (default
@@ -20,13 +21,14 @@ false): the next document's BOS already marks the boundary. Special-token string
 documents are encoded as plain text. The token budget counts these BOS/EOS tokens.
 
 Budget: source i gets `tokens * weight_i / sum(weights)` tokens (train + val), filled with
-documents in plan order; the document that crosses the budget is still taken whole.
+documents in plan order; the document that crosses the budget is still taken whole. Dedup runs
+over the whole corpus first, so a document can be removed as a copy of one that the budget of
+an earlier source then leaves out.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import logging
 import os
@@ -36,112 +38,71 @@ import signal
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from zagreus.data import shards
-from zagreus.data.filters import LanguageFilter, MinHasher, NearDupIndex, is_validation, length_ok, quality_reason, text_digest
-from zagreus.data.sources import (
-    DamagedFile, Doc, Skip, WorkUnit, input_signature, pin_revision, plan_source, read_unit,
-)
+from zagreus.data import dedup, shards
+from zagreus.data.filters import is_validation, text_digest
+from zagreus.data.plan import SPLITS, Plan, atomic_save, atomic_write
+from zagreus.data.sources import DamagedFile, Doc, WorkUnit, read_unit
+from zagreus.data.units import BAD_EXAMPLES, DocFilter, UnitTally, on_damaged_file, unit_docs
 from zagreus.errors import UserError
-from zagreus.recipe import DataSection, FiltersSection, Source
+from zagreus.recipe import DataSection, Source
 from zagreus.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 BATCH_CHARS = 8 << 20        # characters per tokenizer batch: large batches keep tiktoken's threads busy
-BAD_EXAMPLES = 5             # file:line cases shown in the warning
 BUDGET_MARGIN = 1.25         # workers skip units once earlier ones hold this much of the budget
 PR_SET_PDEATHSIG = 1         # prctl option (linux/prctl.h): a signal for this process when its parent dies
 REMOVALS = ("length", "language", "quality", "exact_dedup", "minhash_dedup", "budget")  # manifest order
 
 
-@dataclass
-class Plan:
-    """Everything a worker needs, as written to plan.json."""
-
-    hash: str
-    data_dir: Path
-    tokenizer: str                  # spec for load_tokenizer ('llama3' or a path)
-    data: DataSection
-    units: list[WorkUnit]
-    origins: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def work_dir(self) -> Path:
-        return self.data_dir / ".work" / self.hash
-
-    def unit_path(self, unit: WorkUnit) -> Path:
-        return self.work_dir / "units" / f"{unit.index:05d}.npz"
-
-    def source(self, name: str) -> Source:
-        return next(s for s in self.data.sources if s.name == name)
-
-    def budgets(self) -> dict[str, int | None]:
-        total = sum(s.weight for s in self.data.sources)
-        if self.data.tokens is None:
-            return {s.name: None for s in self.data.sources}
-        return {s.name: int(self.data.tokens * s.weight / total) for s in self.data.sources}
-
-    def to_json(self) -> dict:
-        return {"hash": self.hash, "tokenizer": self.tokenizer, "data": self.data.model_dump(mode="json"),
-                "units": [u.to_json() for u in self.units], "origins": self.origins}
-
-    @classmethod
-    def from_json(cls, raw: dict, data_dir: Path) -> "Plan":
-        return cls(raw["hash"], Path(data_dir), raw["tokenizer"], DataSection(**raw["data"]),
-                   [WorkUnit.from_json(u) for u in raw["units"]], raw["origins"])
-
-    @classmethod
-    def load(cls, data_dir: Path, plan_hash: str) -> "Plan":
-        return cls.from_json(json.loads((Path(data_dir) / ".work" / plan_hash / "plan.json").read_text()), data_dir)
-
-    def save(self) -> None:
-        self.work_dir.joinpath("units").mkdir(parents=True, exist_ok=True)
-        if not (self.work_dir / "plan.json").is_file():
-            _atomic_write(self.work_dir / "plan.json", json.dumps(self.to_json(), indent=1).encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-# --- phase 1: plan --------------------------------------------------------------------------
-def plan_units(data: DataSection, resolve: Callable[[str], Path] = Path) -> tuple[DataSection, list[WorkUnit], dict[str, str]]:
-    """(the data section with every hub source pinned to a commit, its work units, each source's origin)."""
-    units: list[WorkUnit] = []
-    origins = {}
-    pinned = [pin_revision(s) for s in data.sources]
-    for s in pinned:
-        units += plan_source(s, len(units), data.unit_bytes, resolve)
-        origins[s.name] = s.hub or ("python stdlib" if s.stdlib else ", ".join(s.paths()))
-    return data.model_copy(update={"sources": pinned}), units, origins
-
-
-def make_plan(data: DataSection, data_dir: Path, tokenizer_spec: str, identity: dict,
-              units: list[WorkUnit], origins: dict[str, str]) -> Plan:
-    # on_error changes no unit's output (a damaged unit is either skipped or never written), so a
-    # run stopped on a damaged file resumes with on_error: skip, and plans of earlier versions stay valid.
-    key = {"data": data.model_dump(mode="json", exclude={"executor", "on_error"}), "tokenizer": identity,
-           "units": [u.to_json() for u in units], "inputs": input_signature(units)}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Plan(digest, Path(data_dir), tokenizer_spec, data, units, origins)
-
-
-# --- phase 2: work units --------------------------------------------------------------------
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+class _UnitShards:
+    """The rolling final shards of one unit in one split."""
+
+    def __init__(self, plan: Plan, unit: WorkUnit, split: str, tok: Tokenizer):
+        self.plan, self.unit, self.split, self.tok = plan, unit, split, tok
+        self.writer: shards.ShardWriter | None = None
+        self.files: list[dict] = []
+
+    def write(self, ids: np.ndarray, chars: int) -> None:
+        if self.writer is not None and self.writer.tokens and self.writer.tokens + len(ids) > self.plan.data.shard_tokens:
+            self.close()
+        if self.writer is None:
+            path = self.plan.shard_path(self.split, self.unit, len(self.files))
+            self.writer = shards.ShardWriter(path, self.tok.name, self.tok.vocab_size)
+            self.files.append({"file": str(path.relative_to(self.plan.data_dir)), "docs": 0, "chars": 0, "tokens": 0})
+        self.writer.write(ids)
+        f = self.files[-1]
+        f["docs"] += 1
+        f["chars"] += chars
+        f["tokens"] += len(ids)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def abort(self) -> None:
+        """Removes every file of the unit in this split (a damaged input is left out whole)."""
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+        for f in self.files:
+            shards.keep_documents(self.plan.data_dir / f["file"], 0)
+        self.files = []
+
+
 class UnitProcessor:
-    """Reads, filters and tokenizes work units; one per process (holds the tokenizer and filters).
+    """Tokenizes work units into their final shards; one per process (holds the tokenizer and filters).
 
     `threads` is this process's share of the cores: with one core each (as many workers as
     cores) documents are encoded one by one, since the tokenizers' own thread pools would only
@@ -154,24 +115,15 @@ class UnitProcessor:
         self.threads = threads or available_cores()
         self.tok = load_tokenizer(plan.tokenizer)
         self.dtype = shards.token_dtype(self.tok.vocab_size)
-        f = plan.data.filters
-        self.minhash = MinHasher(f.minhash.num_perm, f.minhash.ngram) if f.dedup == "minhash" else None
-        self._lang: dict[str, LanguageFilter | None] = {}
-
-    def _language_filter(self, source: Source) -> LanguageFilter | None:
-        if source.name not in self._lang:
-            f = self.plan.data.filters
-            allowed = [source.language] if source.language else f.languages
-            use = f.languages is not None and not source.code and not source.stdlib
-            self._lang[source.name] = LanguageFilter(allowed, f.language_threshold) if use and allowed else None
-        return self._lang[source.name]
+        self.filter = DocFilter(plan)
+        self._dedup: dedup.UnitDedup | None = None
 
     def done(self, unit: WorkUnit) -> bool:
         return self.plan.unit_path(unit).is_file()
 
     def over_budget(self, unit: WorkUnit) -> bool:
         """True when finished earlier units of the source already fill its token budget or
-        `max_documents`, with a margin for what dedup may still remove.
+        `max_documents`, with a margin.
 
         Only an optimisation: finalize processes any unit it turns out to need, so skipping
         here never changes the output.
@@ -185,68 +137,76 @@ class UnitProcessor:
             if u.index >= unit.index:
                 break
             if u.source == unit.source and self.done(u):
-                summary = json.loads(self.plan.unit_path(u).with_suffix(".json").read_text())
+                summary = json.loads(self.plan.unit_path(u).read_text())
                 tokens += summary["tokens"]
                 docs += summary["docs"]
         return ((budget is not None and tokens >= budget * BUDGET_MARGIN)
                 or (max_docs is not None and docs >= max_docs * BUDGET_MARGIN))
 
-    def _kept_texts(self, unit: WorkUnit, source: Source, tally: _UnitTally) -> Iterator[str]:
-        """The unit's documents that pass the length, language and quality filters; the rest go to `tally`."""
-        f = self.plan.data.filters
-        lang = self._language_filter(source)
-        prose = not source.code and not source.stdlib
-        for item in read_unit(unit, source):
-            if isinstance(item, Skip):
-                tally.skip(item)
-                continue
-            text = item.text
-            tally.read[0] += 1
-            tally.read[1] += len(text)
-            if not length_ok(text, f.min_chars, f.max_chars):
-                tally.drop("length", text)
-            elif lang is not None and not lang.keep(text):
-                tally.drop("language", text)
-            elif prose and f.quality and (rule := quality_reason(text)) is not None:
-                tally.drop("quality", text)
-                tally.rules[rule] += 1
-            else:
-                yield text
+    def _documents(self, unit: WorkUnit) -> tuple[UnitTally, Iterator[str]]:
+        """The unit's tally so far and its documents to tokenize."""
+        if not self.plan.dedup:
+            tally = UnitTally()
+            return tally, (text for _, text in self.filter.kept(unit, tally))
+        self._dedup = self._dedup or dedup.UnitDedup(self.plan)
+        summary, fate = self._dedup.unit(unit)
+        tally = UnitTally.from_summary(summary)  # the signature pass read the unit through the filters
+
+        def kept() -> Iterator[str]:
+            if not fate:
+                return  # nothing passed the filters (or the file is damaged): no need to read it again
+            for ordinal, text in unit_docs(unit, self.plan.source(unit.source), UnitTally()):
+                if ordinal in fate:
+                    if fate[ordinal] is None:
+                        yield text
+                    else:
+                        tally.drop(fate[ordinal], text)
+
+        return tally, kept()
 
     def process(self, unit: WorkUnit, progress: Callable[[int, int, int], None] | None = None) -> None:
-        source = self.plan.source(unit.source)
-        tally = _UnitTally()
-        columns = _UnitColumns(self)
+        data = self.plan.data
+        bos = [self.tok.bos_id] if data.add_bos else []
+        eos = [self.tok.eos_id] if data.add_eos else []
+        out = {split: _UnitShards(self.plan, unit, split, self.tok) for split in SPLITS}
+        table: list[tuple[int, int, int]] = []  # per document: tokens, chars, in val
+        tally, texts = self._documents(unit)
         reported = 0
         try:
-            for batch in _batches(self._kept_texts(unit, source, tally)):
+            for batch in _batches(texts):
                 encoded = self.tok.encode_batch(batch) if self.threads > 1 else [self.tok.encode(t) for t in batch]
-                batch_tokens = sum(columns.add(text, ids) for text, ids in zip(batch, encoded))
+                batch_tokens = 0
+                for text, ids in zip(batch, encoded):
+                    arr = np.asarray(bos + ids + eos, dtype=self.dtype)
+                    val = data.validation_fraction > 0 and is_validation(text_digest(text)[1], data.validation_fraction)
+                    out["val" if val else "train"].write(arr, len(text))
+                    table.append((len(arr), len(text), val))
+                    batch_tokens += len(arr)
                 if progress:  # characters stand in for bytes until the unit ends (see below)
                     step = min(sum(map(len, batch)), max(0, unit.size - reported))
                     progress(len(batch), batch_tokens, step)
                     reported += step
         except DamagedFile as exc:
             # What was read of the file goes with it: never a part of a file passed off as the whole.
-            tally, columns = _UnitTally(), _UnitColumns(self)
-            tally.skip(on_damaged_file(exc, self.plan.data.on_error))
+            for w in out.values():
+                w.abort()
+            tally, table = UnitTally(), []
+            tally.skip(on_damaged_file(exc, data.on_error))
+        for w in out.values():
+            w.close()
         if progress and unit.size > reported:
             progress(0, 0, unit.size - reported)  # the unit's bytes are all read now
-        columns.save(self.plan.unit_path(unit), {"unit": unit.index, **tally.summary()})
+        docs = np.asarray(table, dtype=np.uint64).reshape(-1, 3)
+        atomic_save(self.plan.unit_path(unit, "docs.npy"), docs)
+        summary = {"unit": unit.index, **tally.summary(), "docs": len(docs), "tokens": int(docs[:, 0].sum()),
+                   "chars": int(docs[:, 1].sum()), "files": {split: out[split].files for split in SPLITS}}
+        atomic_write(self.plan.unit_path(unit), json.dumps(summary).encode())
 
     def run_ranks(self, rank: int, world: int) -> None:
         """Round-robin share of a datatrove task: units rank, rank + world, ..."""
         for unit in self.plan.units[rank::world]:
             if not self.done(unit) and not self.over_budget(unit):
                 self.process(unit)
-
-
-def on_damaged_file(exc: DamagedFile, on_error: str) -> Skip:
-    """The record of a damaged file left out under `on_error: skip`; under `fail`, the one-line error."""
-    if on_error == "fail":
-        raise UserError(f"{exc}, or leave such files out with data.on_error: skip "
-                        "(--on-error skip in the quick form)") from None
-    return Skip("damaged_file", f"{exc.path}:byte {exc.offset}")
 
 
 def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
@@ -263,175 +223,71 @@ def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
         yield batch
 
 
-@dataclass
-class _UnitTally:
-    """What reading a unit skipped and its filters removed, as the unit's summary records it."""
-
-    read: list[int] = field(default_factory=lambda: [0, 0])          # docs, chars
-    skipped: Counter = field(default_factory=Counter)
-    removed: dict[str, list[int]] = field(default_factory=dict)     # filter -> [docs, chars]
-    rules: Counter = field(default_factory=Counter)                  # quality rule -> docs
-    bad: list[str] = field(default_factory=list)
-
-    def skip(self, item: Skip) -> None:
-        self.skipped[item.reason] += 1
-        if len(self.bad) < BAD_EXAMPLES:
-            self.bad.append(f"{item.where} ({item.reason})")
-
-    def drop(self, name: str, text: str) -> None:
-        entry = self.removed.setdefault(name, [0, 0])
-        entry[0] += 1
-        entry[1] += len(text)
-
-    def summary(self) -> dict:
-        return {"read": self.read, "skipped": dict(sorted(self.skipped.items())),
-                "removed": dict(sorted(self.removed.items())), "quality_rules": dict(sorted(self.rules.items())),
-                "bad": self.bad}
-
-
-class _UnitColumns:
-    """A unit's kept documents, column by column as its .npz stores them."""
-
-    def __init__(self, processor: UnitProcessor):
-        data = processor.plan.data
-        self.dtype, self.minhash = processor.dtype, processor.minhash
-        self.bos = [processor.tok.bos_id] if data.add_bos else []
-        self.eos = [processor.tok.eos_id] if data.add_eos else []
-        self.validation_fraction = data.validation_fraction
-        # neither dedup nor a validation split: skip normalising and hashing
-        self.digest = data.filters.dedup != "none" or data.validation_fraction > 0
-        self.tokens: list[np.ndarray] = []
-        self.lengths: list[int] = []
-        self.chars: list[int] = []
-        self.keys: list[int] = []
-        self.val: list[bool] = []
-        self.sigs: list[np.ndarray] = []
-
-    def add(self, text: str, ids: list[int]) -> int:
-        """Appends one document; returns its token count (BOS/EOS included)."""
-        arr = np.asarray(self.bos + ids + self.eos, dtype=self.dtype)
-        self.tokens.append(arr)
-        self.lengths.append(len(arr))
-        self.chars.append(len(text))
-        if self.digest:
-            dkey, skey = text_digest(text)
-            self.keys.append(dkey)
-            self.val.append(is_validation(skey, self.validation_fraction))
-        else:
-            self.keys.append(0)
-            self.val.append(False)
-        if self.minhash is not None:
-            self.sigs.append(self.minhash.signature(np.asarray(ids, dtype=np.uint64)))
-        return len(arr)
-
-    def save(self, path: Path, summary: dict) -> None:
-        """Writes the summary (with docs and tokens), then the .npz, whose rename marks the unit done."""
-        ends = np.cumsum(np.asarray(self.lengths, dtype=np.uint64)) if self.lengths else np.zeros(0, np.uint64)
-        summary = {**summary, "docs": len(self.lengths), "tokens": int(ends[-1]) if len(ends) else 0}
-        _atomic_write(path.with_suffix(".json"), json.dumps(summary).encode())
-        tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, tokens=np.concatenate(self.tokens) if self.tokens else np.zeros(0, self.dtype), ends=ends,
-                 chars=np.asarray(self.chars, dtype=np.uint64), keys=np.asarray(self.keys, dtype=np.uint64),
-                 val=np.asarray(self.val, dtype=bool),
-                 sigs=np.stack(self.sigs) if self.sigs else np.zeros((0, 0), np.uint32))
-        os.replace(tmp, path)
-
-
-# --- phase 3: finalize ----------------------------------------------------------------------
-class _SplitWriter:
-    """The rolling shards of one (split, source) folder."""
-
-    def __init__(self, folder: Path, rel: str, tok_name: str, vocab_size: int, shard_tokens: int):
-        self.folder, self.rel = folder, rel
-        self.tok_name, self.vocab_size, self.shard_tokens = tok_name, vocab_size, shard_tokens
-        self.writer: shards.ShardWriter | None = None
-        self.shards: list[dict] = []
-        self.docs = self.chars = self.tokens = 0
-
-    def write(self, ids: np.ndarray, chars: int) -> None:
-        if self.writer is not None and self.writer.tokens and self.writer.tokens + len(ids) > self.shard_tokens:
-            self.close()
-        if self.writer is None:
-            name = f"{len(self.shards):05d}.ds"
-            self.writer = shards.ShardWriter(self.folder / name, self.tok_name, self.vocab_size)
-            self.shards.append({"file": f"{self.rel}/{name}", "docs": 0, "chars": 0, "tokens": 0})
-        self.writer.write(ids)
-        s = self.shards[-1]
-        s["docs"] += 1
-        s["chars"] += chars
-        s["tokens"] += len(ids)
-        self.docs += 1
-        self.chars += chars
-        self.tokens += len(ids)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-    def summary(self) -> dict:
-        return {"docs": self.docs, "chars": self.chars, "tokens": self.tokens, "shards": self.shards}
-
-
+# --- finalize -------------------------------------------------------------------------------
 def _add(counter: dict, name: str, docs: int, chars: int) -> None:
     entry = counter.setdefault(name, {"docs": 0, "chars": 0})
     entry["docs"] += docs
     entry["chars"] += chars
 
 
-class _Dedup:
-    """The documents finalize has taken so far, across sources: exact keys and MinHash signatures."""
-
-    def __init__(self, filters: FiltersSection):
-        self.exact: set[int] | None = set() if filters.dedup != "none" else None
-        m = filters.minhash
-        self.near = NearDupIndex(m.num_perm, m.bands, m.threshold) if filters.dedup == "minhash" else None
-
-    def rule(self, key: int, sigs: np.ndarray, i: int) -> str | None:
-        """The rule by which document `i` (dedup key `key`, MinHash row `sigs[i]`) is a duplicate, or
-        None; a document that is not is remembered. `sigs` is empty without MinHash dedup."""
-        if self.exact is not None:
-            if key in self.exact:
-                return "exact_dedup"
-            self.exact.add(key)
-        if self.near is not None and self.near.check_add(sigs[i]):
-            return "minhash_dedup"
-        return None
+def _docs_within(tokens: np.ndarray, taken_tokens: int, budget: int | None, taken_docs: int,
+                 max_docs: int | None) -> int:
+    """How many of a unit's documents (token counts `tokens`, in order) are taken before the budget
+    or max_documents is met; the document that crosses the budget is taken whole."""
+    keep = len(tokens)
+    if budget is not None:
+        keep = min(keep, int(np.searchsorted(np.cumsum(tokens), budget - taken_tokens, side="left")) + 1)
+    if max_docs is not None:
+        keep = min(keep, max_docs - taken_docs)
+    return keep
 
 
-class _UnitFiles:
-    """The plan's unit files, processing here a unit that a worker skipped as past the budget
-    but that is needed after dedup."""
+def _cut_unit(plan: Plan, summary: dict, table: np.ndarray, keep: int) -> dict[str, list[dict]]:
+    """Cuts a unit's shards to its first `keep` documents, in place; returns the files that remain."""
+    files: dict[str, list[dict]] = {}
+    for split in SPLITS:
+        rows = table[:len(table)][table[:, 2] == (split == "val")]       # this split's documents, in order
+        wanted = int(((table[:keep, 2] == 1) == (split == "val")).sum())
+        files[split], first = [], 0
+        for f in summary["files"][split]:
+            n = min(f["docs"], max(0, wanted - first))
+            shards.keep_documents(plan.data_dir / f["file"], n)
+            if n:
+                part = rows[first:first + n]
+                files[split].append({"file": f["file"], "docs": n, "chars": int(part[:, 1].sum()),
+                                     "tokens": int(part[:, 0].sum())})
+            first += f["docs"]
+    return files
+
+
+class _Summaries:
+    """The units' summaries, tokenizing here a unit that a worker skipped as past the budget but
+    that is needed after all (dedup removed more than the margin allowed for)."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
         self.processor: UnitProcessor | None = None
 
-    def load(self, unit: WorkUnit) -> tuple[dict, dict[str, np.ndarray]]:
-        """The unit's summary and arrays."""
+    def load(self, unit: WorkUnit) -> dict:
         path = self.plan.unit_path(unit)
         if not path.is_file():
             self.processor = self.processor or UnitProcessor(self.plan)
             self.processor.process(unit)
-        summary = json.loads(path.with_suffix(".json").read_text())
-        with np.load(path) as z:
-            return summary, {k: z[k] for k in ("tokens", "ends", "chars", "keys", "val", "sigs")}
+        return json.loads(path.read_text())
 
 
-def _finalize_source(plan: Plan, source: Source, tok: Tokenizer, dedup: _Dedup,
-                     files: _UnitFiles) -> tuple[dict, Counter, list[str]]:
-    """Writes one source's shards from its units in plan order, until its budget or max_documents is
-    met; returns its manifest entry, its skipped-record counts and its bad-record examples."""
+def _finalize_source(plan: Plan, source: Source, summaries: _Summaries) -> tuple[dict, Counter, list[str]]:
+    """One source's manifest entry from its units' summaries in plan order, until its budget or
+    max_documents is met; returns it with its skipped-record counts and bad-record examples."""
     data = plan.data
     units = [u for u in plan.units if u.source == source.name]
-    writers = {split: _SplitWriter(plan.data_dir / split / source.name, f"{split}/{source.name}", tok.name,
-                                   tok.vocab_size, data.shard_tokens) for split in ("train", "val")}
     budget = plan.budgets()[source.name]
     skipped: Counter = Counter()
     removed: dict[str, dict] = {}
     rules: Counter = Counter()
     bad: list[str] = []
     read = [0, 0]
+    files: dict[str, list[dict]] = {split: [] for split in SPLITS}
     taken_tokens = taken_docs = used = 0
 
     def full() -> bool:
@@ -442,7 +298,7 @@ def _finalize_source(plan: Plan, source: Source, tok: Tokenizer, dedup: _Dedup,
         if full():
             break
         used += 1
-        summary, z = files.load(unit)
+        summary = summaries.load(unit)
         read[0] += summary["read"][0]
         read[1] += summary["read"][1]
         skipped.update(summary["skipped"])
@@ -450,20 +306,20 @@ def _finalize_source(plan: Plan, source: Source, tok: Tokenizer, dedup: _Dedup,
         for name, (d, c) in summary["removed"].items():
             _add(removed, name, d, c)
         bad += summary["bad"]
-        ends = z["ends"]
-        starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
-        for i in range(len(ends)):
-            n_chars = int(z["chars"][i])
-            rule = "budget" if full() else dedup.rule(int(z["keys"][i]), z["sigs"], i)
-            if rule is not None:
-                _add(removed, rule, 1, n_chars)
-                continue
-            ids = z["tokens"][starts[i]:int(ends[i])]
-            writers["val" if z["val"][i] else "train"].write(ids, n_chars)
-            taken_tokens += len(ids)
-            taken_docs += 1
-    for w in writers.values():
-        w.close()
+        unit_files, tokens, docs = summary["files"], summary["tokens"], summary["docs"]
+        crosses = ((budget is not None and taken_tokens + tokens >= budget)
+                   or (source.max_documents is not None and taken_docs + docs >= source.max_documents))
+        if crosses:  # only this unit's small per-document table is read
+            table = np.load(plan.unit_path(unit, "docs.npy"))
+            keep = _docs_within(table[:, 0], taken_tokens, budget, taken_docs, source.max_documents)
+            if keep < docs:
+                unit_files = _cut_unit(plan, summary, table, keep)
+                _add(removed, "budget", docs - keep, int(table[keep:, 1].sum()))
+                tokens, docs = int(table[:keep, 0].sum()), keep
+        for split in SPLITS:
+            files[split] += unit_files[split]
+        taken_tokens += tokens
+        taken_docs += docs
     filters = {k: removed[k] for k in REMOVALS if k in removed}
     if "quality" in filters:
         filters["quality"]["rules"] = dict(sorted(rules.items()))
@@ -476,10 +332,28 @@ def _finalize_source(plan: Plan, source: Source, tok: Tokenizer, dedup: _Dedup,
         "read": {"docs": read[0], "chars": read[1]},
         "skipped": dict(sorted(skipped.items())),
         "filters": filters,
-        "train": writers["train"].summary(),
-        "val": writers["val"].summary(),
+        **{split: {**{k: sum(f[k] for f in files[split]) for k in ("docs", "chars", "tokens")}, "shards": files[split]}
+           for split in SPLITS},
     }
     return entry, skipped, bad
+
+
+def _remove_unlisted(plan: Plan, sources: dict[str, dict]) -> None:
+    """Deletes every file under train/ and val/ that the manifest does not list: shards of units
+    past a budget, and what killed workers left (a `.tmp` data file, a unit later skipped)."""
+    listed = {f["file"] + suffix for s in sources.values() for split in SPLITS for f in s[split]["shards"]
+              for suffix in ("", ".index", ".metadata")}
+    for split in SPLITS:
+        root = plan.data_dir / split
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*"), reverse=True):  # files before their folders
+            if path.is_file() and str(path.relative_to(plan.data_dir)) not in listed:
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        if not any(root.iterdir()):
+            root.rmdir()
 
 
 def _write_manifest(plan: Plan, tok: Tokenizer, sources: dict[str, dict], skipped: Counter, bad: list[str],
@@ -503,7 +377,7 @@ def _write_manifest(plan: Plan, tok: Tokenizer, sources: dict[str, dict], skippe
         "sources": sources,
         "phases": phases,  # where this run's time went: wall_s, cpu_s (all processes) and tasks per phase
     }
-    _atomic_write(plan.data_dir / MANIFEST, (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode())
+    atomic_write(plan.data_dir / MANIFEST, (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode())
     return manifest
 
 
@@ -527,22 +401,21 @@ class PhaseClock:
 
 
 def finalize(plan: Plan, phases: dict | None = None, clock: PhaseClock | None = None) -> dict:
-    """Dedup, budget, split and write shards + manifest from the unit files (processing missing units).
+    """Budget, manifest and clean-up from the units' summaries (tokenizing a unit still needed).
 
     The manifest's `phases` holds `phases` (the earlier ones, timed by the caller) and this one's;
     a finalize run alone (a Slurm job) records only itself."""
     clock = clock or PhaseClock()
     tok = load_tokenizer(plan.tokenizer)
-    for split in ("train", "val"):  # a killed finalize may have left shards; they are rewritten
-        shutil.rmtree(plan.data_dir / split, ignore_errors=True)
-    dedup, files = _Dedup(plan.data.filters), _UnitFiles(plan)
+    summaries = _Summaries(plan)
     sources: dict[str, dict] = {}
     skipped: Counter = Counter()
     bad: list[str] = []
-    for source in plan.data.sources:  # in order: dedup keeps a document's first occurrence
-        sources[source.name], source_skipped, source_bad = _finalize_source(plan, source, tok, dedup, files)
+    for source in plan.data.sources:
+        sources[source.name], source_skipped, source_bad = _finalize_source(plan, source, summaries)
         skipped.update(source_skipped)
         bad += source_bad
+    _remove_unlisted(plan, sources)
     phases = {**(phases or {}), "finalize": clock.lap(tasks=1)}
     manifest = _write_manifest(plan, tok, sources, skipped, bad, phases)
     if skipped:
@@ -553,8 +426,40 @@ def finalize(plan: Plan, phases: dict | None = None, clock: PhaseClock | None = 
 
 
 # --- local parallel run ---------------------------------------------------------------------
-_worker: UnitProcessor | None = None
-_queue = None
+STAGES = ("signatures", "buckets", "units")   # the parallel stages, in the order they run
+
+
+class StageTasks:
+    """Runs items of the parallel stages in one process: a unit (signatures, units) or a bucket
+    task's rank (buckets, out of `world`). Holds the processors, made on first use."""
+
+    def __init__(self, plan: Plan, threads: int, world: int, progress: Callable[[int, int, int], None] | None = None):
+        self.plan, self.threads, self.world, self.progress = plan, threads, world, progress
+        self._signatures: dedup.SignatureProcessor | None = None
+        self._units: UnitProcessor | None = None
+
+    def run(self, stage: str, item: int) -> None:
+        if stage == "buckets":
+            dedup.find_pairs(self.plan, item, self.world)
+            return
+        unit = self.plan.units[item]
+        if stage == "signatures":
+            self._signatures = self._signatures or dedup.SignatureProcessor(self.plan)
+            if not self._signatures.done(unit):
+                self._signatures.process(unit, self.progress)
+            return
+        self._units = self._units or UnitProcessor(self.plan, self.threads)
+        if not self._units.done(unit) and not self._units.over_budget(unit):
+            self._units.process(unit, self.progress)
+
+    def todo(self, stage: str) -> list[int]:
+        if stage == "buckets":
+            return [r for r in range(self.world) if not dedup.bucket_path(self.plan, r, self.world).is_file()]
+        done = self.plan.sig_path if stage == "signatures" else (lambda i: self.plan.unit_path(self.plan.units[i]))
+        return [u.index for u in self.plan.units if not done(u.index).is_file()]
+
+
+_tasks: StageTasks | None = None
 
 
 def _die_with_parent(parent: int) -> None:
@@ -566,18 +471,15 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _init_worker(plan_json: dict, data_dir: str, queue, threads: int, parent: int) -> None:
-    global _worker, _queue
+def _init_worker(plan_json: dict, data_dir: str, queue, threads: int, world: int, parent: int) -> None:
+    global _tasks
     _die_with_parent(parent)
-    _worker = UnitProcessor(Plan.from_json(plan_json, Path(data_dir)), threads=threads)
-    _queue = queue
+    _tasks = StageTasks(Plan.from_json(plan_json, Path(data_dir)), threads, world, lambda d, t, c: queue.put((d, t, c)))
 
 
-def _run_unit(index: int) -> int:
-    unit = _worker.plan.units[index]
-    if not _worker.over_budget(unit):
-        _worker.process(unit, lambda d, t, c: _queue.put((d, t, c)))
-    return index
+def _run_item(stage: str, item: int) -> int:
+    _tasks.run(stage, item)
+    return item
 
 
 class _Progress:
@@ -601,24 +503,25 @@ class _Progress:
         self.bar.close()
 
 
-def run_local(plan: Plan, workers: int, show_progress: bool = True) -> None:
-    """Process the plan's missing units on a pool of `workers` processes (dynamic assignment)."""
+def run_local(plan: Plan, workers: int, stage: str = "units", show_progress: bool = True) -> None:
+    """One parallel stage's missing items on a pool of `workers` processes (dynamic assignment);
+    the bucket stage has `workers` tasks."""
     import multiprocessing as mp
     import queue as queue_mod
     from concurrent.futures import ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    todo = [u for u in plan.units if not plan.unit_path(u).is_file()]
+    here = StageTasks(plan, available_cores(), workers)
+    todo = here.todo(stage)
     if not todo:
         return
-    bar = _Progress(sum(u.size for u in todo), "tokenize") if show_progress else None
+    bar = _Progress(sum(plan.units[i].size for i in todo), stage) if show_progress and stage != "buckets" else None
     update = bar.update if bar else (lambda d, t, c: None)
+    here.progress = update
     try:
         if workers <= 1:
-            proc = UnitProcessor(plan)
-            for unit in todo:
-                if not proc.over_budget(unit):
-                    proc.process(unit, update)
+            for item in todo:
+                here.run(stage, item)
             return
         ctx = mp.get_context("fork")
         queue = ctx.Queue()
@@ -634,8 +537,8 @@ def run_local(plan: Plan, workers: int, show_progress: bool = True) -> None:
         # ProcessPoolExecutor, not Pool: a worker killed by the OS (e.g. out of memory) raises
         # BrokenProcessPool here instead of hanging the run.
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(plan.to_json(), str(plan.data_dir), queue, threads, os.getpid())) as pool:
-            pending = {pool.submit(_run_unit, u.index) for u in todo}
+                                 initargs=(plan.to_json(), str(plan.data_dir), queue, threads, workers, os.getpid())) as pool:
+            pending = {pool.submit(_run_item, stage, item) for item in todo}
             try:
                 while pending:
                     done, pending = wait(pending, timeout=0.2)
@@ -645,10 +548,10 @@ def run_local(plan: Plan, workers: int, show_progress: bool = True) -> None:
                             future.result()  # re-raise a worker's exception here
                         except BrokenProcessPool:
                             raise UserError(f"a worker process died (killed by the system, e.g. out of memory?); "
-                                            f"{plan.data_dir}: finished work units are kept, run the same command "
+                                            f"{plan.data_dir}: finished work is kept, run the same command "
                                             "again to resume (or lower the workers)") from None
             except BaseException:
-                # Leaving the block waits for the pool: only the units in flight finish, not the queued ones.
+                # Leaving the block waits for the pool: only the items in flight finish, not the queued ones.
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
         drain()

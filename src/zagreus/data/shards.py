@@ -56,9 +56,40 @@ class ShardWriter:
         """Write index and metadata, then rename the data file last: its presence marks a complete shard."""
         self._data.close()
         np.asarray(self._ends, dtype="<u8").tofile(str(self.path) + ".index")
-        meta = f"{self.tokenizer_name}|{self.dtype.itemsize}\n{self.tokens}\n{human(self.tokens)}\n"
-        Path(str(self.path) + ".metadata").write_text(meta)
+        _write_metadata(self.path, self.tokenizer_name, self.dtype.itemsize, self.tokens)
         os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Drops what was written (the data file never got its final name)."""
+        self._data.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def _write_metadata(path: Path, tokenizer_name: str, token_size: int, tokens: int) -> None:
+    meta = Path(str(path) + ".metadata")
+    tmp = meta.with_name(meta.name + ".tmp")
+    tmp.write_text(f"{tokenizer_name}|{token_size}\n{tokens}\n{human(tokens)}\n")
+    os.replace(tmp, meta)
+
+
+def keep_documents(path: Path, docs: int) -> None:
+    """Cuts a shard to its first `docs` documents in place (no token is copied), or deletes it for 0.
+
+    Safe to repeat after a kill at any point: the data file is cut first, then the index and
+    metadata are replaced, and a repeat computes the same cut from the index's first entries."""
+    path = Path(path)
+    if docs == 0:
+        for suffix in (".index", ".metadata", ""):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+        return
+    meta = read_metadata(path)
+    ends = read_document_ends(path)[:docs]
+    tokens = int(ends[-1])
+    os.truncate(path, tokens * meta["token_size"])
+    tmp = Path(str(path) + ".index.tmp")
+    ends.tofile(str(tmp))
+    os.replace(tmp, str(path) + ".index")
+    _write_metadata(path, meta["tokenizer"], meta["token_size"], tokens)
 
 
 def read_tokens(path: Path) -> np.memmap:

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from zagreus.data import pipeline, shards
+from zagreus.data import dedup, pipeline, plan as plans, shards
 from zagreus.data.pipeline import PhaseClock
 from zagreus.data.filters import LanguageFilter
 from zagreus.errors import UserError
@@ -63,9 +63,9 @@ def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection
             LanguageFilter(data.filters.languages, data.filters.language_threshold)
         except ValueError as exc:
             raise UserError(f"data.filters.languages: {exc}; use ISO 639-1 codes such as en, it") from None
-    data, units, origins = pipeline.plan_units(data, resolve)
+    data, units, origins = plans.plan_units(data, resolve)
     spec, tok = _tokenizer(tokenizer, tokenizer_dir, data, units, resolve)
-    plan = pipeline.make_plan(data, data_dir, spec, tok.identity(), units, origins)
+    plan = plans.make_plan(data, data_dir, spec, tok.identity(), units, origins)
     manifest_path = data_dir / pipeline.MANIFEST
     if manifest_path.is_file():
         done = json.loads(manifest_path.read_text())
@@ -75,12 +75,17 @@ def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection
             return done
         raise UserError(f"{data_dir} already holds shards of another plan (inputs, filters or tokenizer changed); "
                         "remove the folder or write to another one")
+    if not plan.work_dir.is_dir():
+        # A new plan: shards and work a killed run of another plan left behind are not ours to keep.
+        for stale in ("train", "val", ".work"):
+            shutil.rmtree(data_dir / stale, ignore_errors=True)
     plan.save()
     phases = {"plan": clock.lap(tasks=1)}
     cfg = data.executor
     # One logging folder per plan: datatrove's completion markers of another plan must not skip tasks.
     logging_dir = (Path(resolve(cfg.logging_dir)) if cfg.logging_dir else data_dir / "logs") / plan.hash
-    log.info("plan %s: %d work units from %d source(s), tokenizer %s", plan.hash, len(units), len(data.sources), tok.name)
+    log.info("plan %s: %d work units from %d source(s), tokenizer %s%s", plan.hash, len(units), len(data.sources),
+             tok.name, f", dedup {data.filters.dedup}" if plan.dedup else "")
     if cfg.kind == "slurm":
         # imports datatrove: only for the executors that need it
         from zagreus.data.executors import launch_slurm, submit_slurm, wait_slurm
@@ -103,23 +108,29 @@ def tokenize_data(data: DataSection, data_dir: Path, tokenizer: TokenizerSection
         return json.loads(manifest_path.read_text())
     if dry_run:
         raise UserError("--dry-run shows the Slurm job; set data.executor.kind: slurm in the recipe")
-    if cfg.kind == "datatrove":
-        from zagreus.data.executors import run_datatrove_local  # imports datatrove, as above
+    if cfg.kind in ("datatrove", "ray"):
+        from zagreus.data.executors import run_stage  # imports datatrove (and ray), as above
 
-        run_datatrove_local(plan, cfg, logging_dir)
-    elif cfg.kind == "ray":
-        from zagreus.data.executors import run_ray  # imports datatrove and ray, as above
-
-        run_ray(plan, cfg, logging_dir)
+        def run(stage: str) -> None:
+            run_stage(plan, cfg, logging_dir, stage)
     else:
-        pipeline.run_local(plan, cfg.workers, show_progress)
+        def run(stage: str) -> None:
+            pipeline.run_local(plan, cfg.workers, stage, show_progress)
+    if plan.dedup:
+        run("signatures")
+        phases["signatures"] = clock.lap(tasks=cfg.task_count)
+        run("buckets")
+        phases["buckets"] = clock.lap(tasks=cfg.task_count)
+        dedup.cluster(plan, cfg.task_count)
+        phases["clusters"] = clock.lap(tasks=1)
+    run("units")
     phases["units"] = clock.lap(tasks=cfg.task_count)
     manifest = pipeline.finalize(plan, phases, clock)
     log.info("wrote %s: %s train tokens, %s val tokens", data_dir, f"{manifest['totals']['train']['tokens']:,}",
              f"{manifest['totals']['val']['tokens']:,}")
     wall = sum(p["wall_s"] for p in manifest["phases"].values())
-    serial = manifest["phases"]["plan"]["wall_s"] + manifest["phases"]["finalize"]["wall_s"]
-    log.info("time: %s; %.1f%% of the wall time in single-task phases (plan, finalize)",
+    serial = sum(p["wall_s"] for p in manifest["phases"].values() if p["tasks"] == 1)
+    log.info("time: %s; %.1f%% of the wall time in single-task phases",
              ", ".join(f"{k} {v['wall_s']:.1f} s" for k, v in manifest["phases"].items()), 100 * serial / max(wall, 1e-9))
     return manifest
 
