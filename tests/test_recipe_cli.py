@@ -129,8 +129,9 @@ def test_check_prices_the_data_stage_of_the_report_recipe():
     assert f"about {text_bytes / 1e12:.2f} TB of text" in lines["data volume"]  # 4.11 TB
     units = round(text_bytes / (4 << 20))  # the recipe's unit_bytes default, 4 MiB
     assert f"{units:,} work units over 512 tasks" in lines["data units"]
-    # Llama-3 ids are uint32: 4 bytes a token, 4 TB for 1T; unit files and shards side by side: 8 TB.
-    assert "4.00 TB of final shards, 8.00 TB at the peak" in lines["data disk"]
+    # Llama-3 ids are uint32: 4 bytes a token, 4 TB for 1T; workers write the final shards and the
+    # report's recipes do not deduplicate, so nothing else is on disk at the peak.
+    assert "4.00 TB of final shards, 4.00 TB at the peak" in lines["data disk"]
     assert "3 to 5 TB for ~1T tokens (3.0-5.0 TB here)" in lines["data disk"]
     cpu_hours = 1e12 / (13_842_558 / 3.71) / 3600
     assert f"{cpu_hours:,.0f} CPU-hours" in lines["data CPU"] and f"{cpu_hours / 512:,.1f} h on 512 tasks" in lines["data CPU"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from zagreus.recipe import DataSection, TokenizerSection
 
 BYTES_PER_TOKEN = 56.9e6 / 13_842_558
+BYTES_PER_DOCUMENT = 6_230_324 / 635   # the handbook's mean page, for dedup's per-document files
 TOKENS_PER_CPU_SECOND = 13_842_558 / 3.71
 LLAMA3_VOCAB = 128_256
 # The report (section 3.2): "for every 1 GB of text, approximately 3 GB of tokenized outputs" and
@@ -32,7 +33,7 @@ class DataPrice:
     units: int
     tasks: int
     shard_bytes: float  # the final .ds files (token ids; the index and metadata are a small share)
-    peak_disk_bytes: float  # while the stage runs: the per-unit files and the final shards at once
+    peak_disk_bytes: float  # while the stage runs: the final shards, plus dedup's signatures when it is on
     cpu_hours: float
     wall_hours: float  # with every task of the executor at work
 
@@ -43,7 +44,7 @@ class DataPrice:
             f"({BYTES_PER_TOKEN:.2f} bytes a token, measured on the handbook)",
             f"  data units    : {self.units:,} work units over {self.tasks:,} tasks",
             f"  data disk     : {self.shard_bytes / tb:.2f} TB of final shards, {self.peak_disk_bytes / tb:.2f} TB at the "
-            f"peak (unit files, then the shards beside them); the report's rules of thumb: 3 GB per GB of text "
+            f"peak (workers write the final shards; dedup's signatures when on); the report's rules of thumb: 3 GB per GB of text "
             f"({REPORT_GB_PER_TEXT_GB * self.text_bytes / tb:.1f} TB here), and 3 to 5 TB for ~1T tokens "
             f"({REPORT_TB_PER_TRILLION[0] * self.tokens / 1e12:.1f}-{REPORT_TB_PER_TRILLION[1] * self.tokens / 1e12:.1f} TB here)",
             f"  data CPU      : {self.cpu_hours:,.0f} CPU-hours at {TOKENS_PER_CPU_SECOND / 1e6:.2f} M tokens per "
@@ -63,5 +64,17 @@ def price(data: DataSection, tokenizer: TokenizerSection) -> DataPrice | None:
     tasks = data.executor.task_count
     cpu_hours = data.tokens / TOKENS_PER_CPU_SECOND / 3600
     shards = data.tokens * token_bytes
+    peak = shards + signature_bytes(data, text)
     # A task encodes on one core (docs/benchmarks.md: threads oversubscribe), so tasks run side by side.
-    return DataPrice(data.tokens, text, units, tasks, shards, 2 * shards, cpu_hours, cpu_hours / min(tasks, units))
+    return DataPrice(data.tokens, text, units, tasks, shards, peak, cpu_hours, cpu_hours / min(tasks, units))
+
+
+def signature_bytes(data: DataSection, text_bytes: float) -> float:
+    """Dedup's files per document (zagreus.data.dedup): a uint64 key and uint32 document number per
+    key row (exact, then one per MinHash band), the MinHash signature and the document's ordinal."""
+    f = data.filters
+    if f.dedup == "none":
+        return 0.0
+    rows = 1 + (f.minhash.bands if f.dedup == "minhash" else 0)
+    per_doc = rows * 12 + 4 + (4 * f.minhash.num_perm if f.dedup == "minhash" else 0)
+    return text_bytes / BYTES_PER_DOCUMENT * per_doc
