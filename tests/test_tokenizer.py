@@ -118,6 +118,7 @@ def fresh_llama3(monkeypatch):
     import zagreus.tokenizer as tokenizer
 
     monkeypatch.setattr(tokenizer, "FAST_AFTER_CHARS", 0)
+    monkeypatch.setattr(tokenizer, "FAST_AFTER_CHARS_CACHED", 0)
     return tokenizer.Tokenizer.from_tiktoken_file(llama3_model_path(), name="llama3")
 
 
@@ -135,6 +136,30 @@ def test_fastokens_matches_tiktoken(handbook_path, reference_encoding, llama3_to
         assert [e.ids for e in fast.encode_batch(texts, split_special_tokens=True)] == want
 
 
+def test_fastokens_json_is_cached_and_a_damaged_cache_is_made_again(tmp_path, monkeypatch, llama3_tokenizer,
+                                                                     reference_encoding):
+    """The first load writes the engine's tokenizer.json under XDG_CACHE_HOME; the next one reads it
+    instead of converting the ranks again; a damaged cache file is replaced."""
+    pytest.importorskip("fastokens")
+    import zagreus.tokenizer as tokenizer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "zagreus" / "fastokens" / f"{llama3_tokenizer.fingerprint}.json"
+    assert tokenizer._load_fastokens(llama3_tokenizer) is not None and cache.is_file()
+    made = cache.read_bytes()
+    convert = tokenizer._llama3_hf_from_tiktoken
+
+    def no_conversion(tok):
+        raise AssertionError("the cached json was not used")
+
+    monkeypatch.setattr(tokenizer, "_llama3_hf_from_tiktoken", no_conversion)
+    fast = tokenizer._load_fastokens(llama3_tokenizer)
+    assert [fast.encode_ordinary(t).ids for t in HARD_STRINGS] == reference_encoding.encode_ordinary_batch(HARD_STRINGS)
+    cache.write_bytes(made[: len(made) // 2])  # cut short, as by a full disk
+    monkeypatch.setattr(tokenizer, "_llama3_hf_from_tiktoken", convert)
+    assert tokenizer._load_fastokens(llama3_tokenizer) is not None and cache.read_bytes() == made
+
+
 def test_tokenizer_encodes_with_fastokens(fresh_llama3, reference_encoding):
     pytest.importorskip("fastokens")
     tok = fresh_llama3
@@ -146,7 +171,7 @@ def test_tokenizer_encodes_with_fastokens(fresh_llama3, reference_encoding):
     assert tok.encode(HARD_STRINGS[6], allow_special=True)[:1] == [tok.bos_id]  # specials stay tiktoken's
 
 
-def test_tiktoken_when_fastokens_is_missing_or_fails(fresh_llama3, reference_encoding, monkeypatch):
+def test_tiktoken_when_fastokens_is_missing_or_fails(fresh_llama3, reference_encoding, monkeypatch, tmp_path):
     import sys
 
     tok = fresh_llama3
@@ -162,6 +187,7 @@ def test_tiktoken_when_fastokens_is_missing_or_fails(fresh_llama3, reference_enc
     def unconvertible(_tok):
         raise RuntimeError("no tokenizer.json")
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached json to fall back on
     monkeypatch.setattr(tokenizer, "_llama3_hf_from_tiktoken", unconvertible)  # installed but fails to load
     assert tokenizer._load_fastokens(tok) is None
 

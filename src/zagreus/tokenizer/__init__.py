@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -49,9 +50,12 @@ CHUNK_CHARS = 1 << 18  # a longer text is encoded piece by piece, pieces of abou
 # text's. Python's \s takes in every character the pattern's \s does (Unicode White_Space): its \S is safe.
 _CUT = re.compile(r"(?<=\S)(?= )|(?<=\n)(?=\S)")
 
-# Making the fastokens engine takes ~4 s (a tokenizer.json from the ranks, then fastokens reads it),
-# about what tiktoken spends on 32 MB: a process encodes that much with tiktoken before switching.
+# Making the fastokens engine takes ~5 s the first time on a machine (3.5 s to turn the ranks into a
+# tokenizer.json, 1.6 s for fastokens to read it), about what tiktoken spends on 32 MB; the json is then
+# kept in FAST_CACHE, and loading costs the 1.6 s alone, what tiktoken spends on about 12 MB. A
+# process encodes that much with tiktoken before switching.
 FAST_AFTER_CHARS = 32 << 20
+FAST_AFTER_CHARS_CACHED = 12 << 20
 # Checked at load: an engine that encodes any of these unlike tiktoken is not used.
 _FAST_PROBES = ["Ciao! 👋🏽 perché no… «x» 日本語 한국어 façade 12345678 3.14",
                 "a  b\n\n\t\tx\r\n   \n  y   ", "<|begin_of_text|><|eot_id|> <|im_start|>", "\u200b\u00a0\ufeff", ""]
@@ -184,7 +188,8 @@ class Tokenizer:
         tiktoken; None while tiktoken encodes (always, where fastokens is missing or fails to load)."""
         if self._fast is None and self._tt is not None:
             self._tt_chars += chars
-            if self._tt_chars >= FAST_AFTER_CHARS:
+            after = FAST_AFTER_CHARS_CACHED if _fast_cache_path(self).is_file() else FAST_AFTER_CHARS
+            if self._tt_chars >= after:
                 self._fast = _load_fastokens(self) or False
         return self._fast or None
 
@@ -327,15 +332,39 @@ def _load_fastokens(tok: Tokenizer):
     except ImportError:
         log.debug("fastokens is not installed; tiktoken encodes")
         return None
+    cache = _fast_cache_path(tok)
     try:
+        try:  # a cached json that is damaged or encodes unlike tiktoken is made again
+            return _checked_fastokens(fastokens, tok, cache.read_text(encoding="utf-8"))
+        except Exception:  # noqa: BLE001
+            pass
         hf = _llama3_hf_from_tiktoken(tok)
         hf.post_processor = None  # bare ids, no BOS
-        fast = fastokens.Tokenizer.from_json_str(hf.to_str())
-        if [fast.encode_ordinary(p).ids for p in _FAST_PROBES] != [tok._tt.encode_ordinary(p) for p in _FAST_PROBES]:
-            raise RuntimeError("its ids differ from tiktoken's")
+        spec = hf.to_str()
+        fast = _checked_fastokens(fastokens, tok, spec)
     except Exception as exc:  # noqa: BLE001 - any failure of the optional engine leaves tiktoken
         log.warning("fastokens not used for %s (%s); tiktoken encodes", tok.name, exc)
         return None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+        tmp.write_text(spec, encoding="utf-8")
+        os.replace(tmp, cache)
+    except OSError as exc:  # a read-only or full home: the engine still works, made again next time
+        log.debug("fastokens cache %s not written (%s)", cache, exc)
+    return fast
+
+
+def _fast_cache_path(tok: Tokenizer) -> Path:
+    """Where the fastokens tokenizer.json of `tok` is kept between processes (XDG_CACHE_HOME, else ~/.cache)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "zagreus" / "fastokens" / f"{tok.fingerprint}.json"
+
+
+def _checked_fastokens(fastokens, tok: Tokenizer, spec: str):
+    fast = fastokens.Tokenizer.from_json_str(spec)
+    if [fast.encode_ordinary(p).ids for p in _FAST_PROBES] != [tok._tt.encode_ordinary(p) for p in _FAST_PROBES]:
+        raise RuntimeError("its ids differ from tiktoken's")
     return fast
 
 
