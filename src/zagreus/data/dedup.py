@@ -137,9 +137,9 @@ def find_pairs(plan: Plan, rank: int, world: int) -> None:
         k, i = np.concatenate(keys[r]), np.concatenate(ids[r])
         order = np.lexsort((i, k))
         k, i = k[order], i[order]
-        first_of_group = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
-        group = np.cumsum(np.concatenate([[True], k[1:] != k[:-1]])) - 1
-        later = np.flatnonzero(np.concatenate([[False], k[1:] == k[:-1]]))
+        starts = np.concatenate([[True], k[1:] != k[:-1]])   # where a group of equal keys begins
+        first_of_group, group = np.flatnonzero(starts), np.cumsum(starts) - 1
+        later = np.flatnonzero(~starts)
         if len(later) == 0:
             continue
         pair = np.stack([i[first_of_group[group[later]]], i[later]], axis=1)

@@ -246,7 +246,7 @@ def _cut_unit(plan: Plan, summary: dict, table: np.ndarray, keep: int) -> dict[s
     """Cuts a unit's shards to its first `keep` documents, in place; returns the files that remain."""
     files: dict[str, list[dict]] = {}
     for split in SPLITS:
-        rows = table[:len(table)][table[:, 2] == (split == "val")]       # this split's documents, in order
+        rows = table[table[:, 2] == (split == "val")]       # this split's documents, in order
         wanted = int(((table[:keep, 2] == 1) == (split == "val")).sum())
         files[split], first = [], 0
         for f in summary["files"][split]:
