@@ -354,3 +354,33 @@ def stage_again(recipe: Path) -> dict:
     from zagreus.recipe import load_recipe
 
     return tokenize_recipe(load_recipe(recipe), show_progress=False)
+
+
+def test_workers_skip_units_once_finished_earlier_ones_fill_the_budget(tmp_path, corpus, llama3_tokenizer):
+    """over_budget adds up the earlier units' summaries as they are finished, by this worker or by
+    others (a unit still running at one call counts at a later one), and stays over once over."""
+    from zagreus.data import pipeline
+    from zagreus.data.plan import make_plan, plan_units
+
+    data = DataSection(sources=[{"name": "en", "path": str(corpus)}, {"name": "it", "path": str(corpus)}],
+                       tokens=2_000, unit_bytes=48 << 10)
+    data, units, origins = plan_units(data)
+    plan = make_plan(data, tmp_path / "out", "llama3", llama3_tokenizer.identity(), units, origins)
+    en = [u for u in units if u.source == "en"]
+    assert len(en) >= 4 and plan.budgets()["en"] == 1_000
+    worker = pipeline.UnitProcessor(plan, threads=1)
+
+    def finish(unit, tokens):
+        path = plan.unit_path(unit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"tokens": tokens, "docs": 1}))
+
+    assert not worker.over_budget(en[2])  # nothing finished yet
+    finish(en[0], 600)
+    assert not worker.over_budget(en[3])  # 600 < 1.25 x 1000; en[1] and en[2] still running
+    finish(en[1], 400)
+    finish(en[2], 400)
+    assert worker.over_budget(en[3])  # 1400 >= 1250
+    assert not pipeline.UnitProcessor(plan, threads=1).over_budget(en[1])  # only units before it count
+    it_first = next(u for u in units if u.source == "it")
+    assert not worker.over_budget(it_first)  # another source, its own budget

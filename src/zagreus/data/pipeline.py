@@ -101,6 +101,33 @@ class _UnitShards:
         self.files = []
 
 
+class _EarlierUnits:
+    """Tokens and documents of a source's finished units before a unit, kept up to date as the
+    unit asked about moves forward."""
+
+    def __init__(self) -> None:
+        self.tokens = self.docs = 0
+        self.over = False
+        self.next = 0  # plan.units[:next] have been looked at
+        self.pending: list[WorkUnit] = []  # looked at, of the source, not finished then
+
+    def add_until(self, processor: "UnitProcessor", unit: WorkUnit) -> None:
+        units = processor.plan.units
+        while self.next < len(units) and units[self.next].index < unit.index:
+            if units[self.next].source == unit.source:
+                self.pending.append(units[self.next])
+            self.next += 1
+        still = []
+        for u in self.pending:
+            if processor.done(u):
+                summary = json.loads(processor.plan.unit_path(u).read_text())
+                self.tokens += summary["tokens"]
+                self.docs += summary["docs"]
+            else:
+                still.append(u)
+        self.pending = still
+
+
 class UnitProcessor:
     """Tokenizes work units into their final shards; one per process (holds the tokenizer and filters).
 
@@ -117,6 +144,7 @@ class UnitProcessor:
         self.dtype = shards.token_dtype(self.tok.vocab_size)
         self.filter = DocFilter(plan)
         self._dedup: dedup.UnitDedup | None = None
+        self._budget_tallies: dict[str, _EarlierUnits] = {}
 
     def done(self, unit: WorkUnit) -> bool:
         return self.plan.unit_path(unit).is_file()
@@ -126,22 +154,20 @@ class UnitProcessor:
         `max_documents`, with a margin.
 
         Only an optimisation: finalize processes any unit it turns out to need, so skipping
-        here never changes the output.
+        here never changes the output. A process asks about its units in increasing order, so the
+        finished earlier units are added up as they appear: each summary is read once, and only the
+        earlier units not finished at the last call (those other tasks are on) are looked at again.
         """
         budget = self.plan.budgets()[unit.source]
         max_docs = self.plan.source(unit.source).max_documents
         if budget is None and max_docs is None:
             return False
-        tokens = docs = 0
-        for u in self.plan.units:
-            if u.index >= unit.index:
-                break
-            if u.source == unit.source and self.done(u):
-                summary = json.loads(self.plan.unit_path(u).read_text())
-                tokens += summary["tokens"]
-                docs += summary["docs"]
-        return ((budget is not None and tokens >= budget * BUDGET_MARGIN)
-                or (max_docs is not None and docs >= max_docs * BUDGET_MARGIN))
+        tally = self._budget_tallies.setdefault(unit.source, _EarlierUnits())
+        if not tally.over:  # totals only grow: once over, every later unit is
+            tally.add_until(self, unit)
+            tally.over = ((budget is not None and tally.tokens >= budget * BUDGET_MARGIN)
+                          or (max_docs is not None and tally.docs >= max_docs * BUDGET_MARGIN))
+        return tally.over
 
     def _documents(self, unit: WorkUnit) -> tuple[UnitTally, Iterator[str]]:
         """The unit's tally so far and its documents to tokenize."""
