@@ -185,8 +185,12 @@ def main() -> None:
         print(f"CPU time, ours / bare tiktoken (least of each) = {cpu_ratio:.2f}")
         print(f"ids: ours identical to tiktoken's on all {checked:,} documents")
         print(f"ours / datatrove = {rate['ours'] / rate['datatrove']:.2f}x (target >= 10x)")
+        from zagreus import tokenizer as toks
+
+        switch = toks.FAST_AFTER_CHARS_CACHED if toks._fast_cache_path(toks.load_tokenizer("llama3")).is_file() \
+            else toks.FAST_AFTER_CHARS
         print(f"ours / tiktoken  = {rate['ours'] / rate['tiktoken']:.2f}x (target >= 1.5x; fastokens takes over "
-              f"in each worker after its first 32 MB)")
+              f"in each worker after its first {switch >> 20} M characters)")
         if "ours+filters" in rate:
             print(f"ours+filters / datatrove = {rate['ours+filters'] / rate['datatrove']:.2f}x")
         readers = bench_readers(corpus)

@@ -171,6 +171,23 @@ def test_tokenizer_encodes_with_fastokens(fresh_llama3, reference_encoding):
     assert tok.encode(HARD_STRINGS[6], allow_special=True)[:1] == [tok.bos_id]  # specials stay tiktoken's
 
 
+def test_a_process_told_it_will_encode_much_loads_fastokens_at_once(monkeypatch, reference_encoding):
+    """expect(chars): past the switch point fastokens is loaded before the first text, below it
+    tiktoken goes on until the switch point; the ids are tiktoken's either way."""
+    pytest.importorskip("fastokens")
+    import zagreus.tokenizer as tokenizer
+
+    monkeypatch.setattr(tokenizer, "FAST_AFTER_CHARS", 1000)
+    monkeypatch.setattr(tokenizer, "FAST_AFTER_CHARS_CACHED", 1000)
+    small, large = (tokenizer.Tokenizer.from_tiktoken_file(llama3_model_path(), name="llama3") for _ in range(2))
+    small.expect(999)
+    large.expect(1000)
+    assert small._fast is None and large._fast
+    want = reference_encoding.encode_ordinary_batch(HARD_STRINGS)
+    assert small.encode_batch(HARD_STRINGS[:1]) == want[:1] and small._fast is None  # under 1000 characters so far
+    assert large.encode_batch(HARD_STRINGS) == want
+
+
 def test_tiktoken_when_fastokens_is_missing_or_fails(fresh_llama3, reference_encoding, monkeypatch, tmp_path):
     import sys
 

@@ -228,8 +228,17 @@ class UnitProcessor:
                    "chars": int(docs[:, 1].sum()), "files": {split: out[split].files for split in SPLITS}}
         atomic_write(self.plan.unit_path(unit), json.dumps(summary).encode())
 
+    def expect(self, units: Iterable[WorkUnit]) -> None:
+        """This process will tokenize about `units` (the tokenizer picks its engine from how much).
+        Units of sources with a token budget or max_documents do not count: how much of them is
+        read is not known ahead, and the tokenizer's own switch point decides."""
+        limited = {s.name for s in self.plan.data.sources
+                   if self.plan.budgets()[s.name] is not None or s.max_documents is not None}
+        self.tok.expect(sum(u.size for u in units if u.source not in limited))
+
     def run_ranks(self, rank: int, world: int) -> None:
         """Round-robin share of a datatrove task: units rank, rank + world, ..."""
+        self.expect(self.plan.units[rank::world])
         for unit in self.plan.units[rank::world]:
             if not self.done(unit) and not self.over_budget(unit):
                 self.process(unit)
@@ -474,7 +483,9 @@ class StageTasks:
             if not self._signatures.done(unit):
                 self._signatures.process(unit, self.progress)
             return
-        self._units = self._units or UnitProcessor(self.plan, self.threads)
+        if self._units is None:
+            self._units = UnitProcessor(self.plan, self.threads)
+            self._units.expect(self.plan.units[::self.world])  # about a worker's share of the pool's queue
         if not self._units.done(unit) and not self._units.over_budget(unit):
             self._units.process(unit, self.progress)
 

@@ -183,13 +183,23 @@ class Tokenizer:
     def _long(self, text: str) -> bool:
         return len(text) > CHUNK_CHARS and self._in_pieces
 
+    def expect(self, chars: int) -> None:
+        """This process is about to encode about `chars` characters of ordinary text. Where loading
+        fastokens pays for itself on that much, it is loaded now, not after the first switch point's
+        worth has gone through the slower tiktoken."""
+        if self._fast is None and self._tt is not None and chars >= self._switch_point():
+            self._fast = _load_fastokens(self) or False
+
+    def _switch_point(self) -> int:
+        return FAST_AFTER_CHARS_CACHED if _fast_cache_path(self).is_file() else FAST_AFTER_CHARS
+
     def _fast_engine(self, chars: int):
         """The fastokens engine for ordinary text, loaded once FAST_AFTER_CHARS have gone through
-        tiktoken; None while tiktoken encodes (always, where fastokens is missing or fails to load)."""
+        tiktoken (or at `expect`); None while tiktoken encodes (always, where fastokens is missing
+        or fails to load)."""
         if self._fast is None and self._tt is not None:
             self._tt_chars += chars
-            after = FAST_AFTER_CHARS_CACHED if _fast_cache_path(self).is_file() else FAST_AFTER_CHARS
-            if self._tt_chars >= after:
+            if self._tt_chars >= self._switch_point():
                 self._fast = _load_fastokens(self) or False
         return self._fast or None
 
