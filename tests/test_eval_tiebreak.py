@@ -160,7 +160,7 @@ def test_widths_follow_hflm_batches(trained_export):
     subset, in any order, at two batch sizes (one-token choices sharing a context included)."""
     from lm_eval.models.huggingface import HFLM
 
-    from zagreus.eval.tiebreak import hf_twin, hflm_scores, hflm_widths
+    from zagreus.eval.tiebreak import hflm_scores, hflm_widths
     from zagreus.model.hf import load_hf
     from zagreus.tokenizer import load_tokenizer
 
@@ -174,11 +174,44 @@ def test_widths_follow_hflm_batches(trained_export):
             requests.append(((None, w), ctx, tok.encode(" " + w.strip(), bos=False)))
     long_ctx = tok.encode(" ".join(_texts()[0].split() * 3), bos=True)[: model.cfg.max_seq_len + 20]
     requests.append(((None, "x"), long_ctx, tok.encode(" the end", bos=False)))
-    twin = hf_twin(model)
     for batch in (3, BATCH):
         want = HFLM(pretrained=str(trained_export), batch_size=batch, device="cpu")._loglikelihood_tokens(
             requests, disable_tqdm=True)
         widths = hflm_widths(requests, batch, model.cfg.max_seq_len)
         subset = rng.sample(range(len(requests)), 20)
-        got = hflm_scores(twin, requests, subset, widths, model.cfg.max_seq_len)
+        got = hflm_scores(model, requests, subset, widths, model.cfg.max_seq_len)
         assert {i: got[i] for i in subset} == {i: want[i] for i in subset}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("kv_heads", [2, 4])
+@pytest.mark.parametrize("rope_scaling", [False, True])
+def test_one_padded_row_is_transformers_llama_bit_for_bit(tied, kv_heads, rope_scaling):
+    """The tiebreak re-scores with our model's plain forward: on one right-padded row its
+    log-probabilities are those of transformers' LlamaForCausalLM holding the same weights,
+    bit for bit, at several widths (tied or untied head, GQA or not, Llama-3 RoPE scaling)."""
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from zagreus.model.config import ModelConfig, RopeScaling
+    from zagreus.model.hf import hf_names, to_llama_config
+    from zagreus.model.llama import Transformer
+
+    cfg = ModelConfig(vocab_size=512, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads,
+                      intermediate_size=128, max_seq_len=4096, tie_embeddings=tied,
+                      rope_scaling=RopeScaling(original_max_position_embeddings=1024) if rope_scaling else None)
+    model = Transformer(cfg)
+    model.init_weights(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)  # far from init: larger activations, last bits that differ if any op does
+    reference = LlamaForCausalLM(LlamaConfig(**to_llama_config(cfg))).float().eval()
+    reference.load_state_dict({k: v.clone() for k, v in hf_names(model).items()}, strict=True)
+    gen = torch.Generator().manual_seed(0)
+    for width in (5, 64, 257, 1500):
+        row = torch.randint(0, cfg.vocab_size, (1, width), generator=gen)
+        row[0, width * 2 // 3:] = 0  # right padding, as HFLM pads
+        with torch.inference_mode():
+            ours = F.log_softmax(model.eval()(row), dim=-1)
+            theirs = F.log_softmax(reference(row).logits, dim=-1)
+        assert torch.equal(ours, theirs), (width, (ours - theirs).abs().max().item())

@@ -62,7 +62,7 @@ class ZagreusLM(TemplateLM):
         bs = EVAL_BATCH_SIZE if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
         self.batch_tokens = max(256, bs * 256)
         self.gen_batch = bs
-        # A sharded (DTensor) model has no plain tensors to lend transformers' twin.
+        # A sharded (DTensor) model sums across ranks in its own order: its rows are not HFLM's numbers.
         self.tiebreak = str(tiebreak).lower() not in ("false", "0", "no") and not _sharded(model)
         self.tiebreak_report = TiebreakReport()
         self._items = None  # (task, doc id) per request of the loglikelihood call in flight

@@ -16,11 +16,14 @@ size, and after the fast pass:
    sum per character or per UTF-8 byte of the choice (acc_norm, acc_bytes), conditional minus
    unconditional (acc_mutual_info). A request is close on its own when its greedy margin is
    within the bound (is_greedy, exact_match).
-3. **Re-score** every request of a close item in HFLM's layout: transformers' LlamaForCausalLM
-   holding our weights (shared, not copied), one unpacked sequence per request, left-truncated
-   as HFLM does, right-padded to the width of the batch HFLM puts it in (lm-eval's own Collator
-   decides that), full-vocabulary log_softmax in the model's dtype, summed in that dtype.
-   One row per forward pass, so memory stays at one row's logits.
+3. **Re-score** every request of a close item in HFLM's layout: one unpacked sequence per
+   request, left-truncated as HFLM does, right-padded to the width of the batch HFLM puts it in
+   (lm-eval's own Collator decides that), full-vocabulary log_softmax in the model's dtype,
+   summed in that dtype. One row per forward pass, so memory stays at one row's logits.
+   Our model's plain forward does, op for op, what transformers' LlamaForCausalLM does on such
+   a row, and its logits are the same bit for bit (tests/test_eval_tiebreak.py checks this
+   against transformers for tied and untied heads, GQA and Llama-3 RoPE scaling). So the
+   re-scoring runs our model itself: no second model, and no 2 s transformers import.
 
 On CPU a row's numbers depend on its padded width but not on the other rows of its batch
 (checked bitwise), so this reproduces HFLM's numbers exactly. On a GPU the kernels may also
@@ -62,7 +65,7 @@ class TiebreakReport:
     per_token_bound: float = 0.0
     rescored_requests: int = 0
     rescored_items: Counter = field(default_factory=Counter)  # task -> close items re-scored
-    seconds: float = 0.0  # the tiebreak's own time: twin, calibration, re-scoring
+    seconds: float = 0.0  # the tiebreak's own time: calibration, re-scoring
 
     def merge(self, other: "TiebreakReport") -> None:
         self.requests += other.requests
@@ -76,23 +79,6 @@ class TiebreakReport:
         return {"requests": self.requests, "calibrated": self.calibrated, "per_token_bound": self.per_token_bound,
                 "rescored_requests": self.rescored_requests, "rescored_items": dict(self.rescored_items),
                 "seconds": round(self.seconds, 2)}
-
-
-def hf_twin(model: Transformer):
-    """transformers' LlamaForCausalLM over our model's own tensors, in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    from zagreus.model.hf import hf_names, to_llama_config
-
-    param = next(model.parameters())
-    config = LlamaConfig(**{**to_llama_config(model.cfg), "torch_dtype": str(param.dtype).removeprefix("torch.")})
-    with torch.device("meta"):
-        twin = LlamaForCausalLM(config)
-    twin.load_state_dict(hf_names(model), assign=True, strict=True)
-    # The RoPE frequencies are a buffer outside the state dict: build them for real.
-    twin.model.rotary_emb = LlamaRotaryEmbedding(config=config).to(param.device)
-    return twin.eval()
 
 
 def hflm_widths(requests: Sequence[Request], batch_size: int, max_len: int) -> list[int]:
@@ -119,7 +105,7 @@ def hflm_widths(requests: Sequence[Request], batch_size: int, max_len: int) -> l
 
 
 @torch.inference_mode()
-def hflm_scores(twin, requests: Sequence[Request], indices: Sequence[int], widths: Sequence[int],
+def hflm_scores(model: Transformer, requests: Sequence[Request], indices: Sequence[int], widths: Sequence[int],
                 max_len: int) -> dict[int, tuple[float, bool]]:
     """HFLM's (log-likelihood, is_greedy) for the chosen requests, computed as HFLM computes them.
 
@@ -128,14 +114,14 @@ def hflm_scores(twin, requests: Sequence[Request], indices: Sequence[int], width
     """
     import torch.nn.functional as F
 
-    device = next(twin.parameters()).device
+    device = next(model.parameters()).device
     out: dict[int, tuple[float, bool]] = {}
     for i in indices:
         _, ctx, cont = requests[i]
         inp = (list(ctx) + list(cont))[-(max_len + 1):][:-1]
         tokens = torch.zeros(1, widths[i], dtype=torch.long)
         tokens[0, :len(inp)] = torch.tensor(inp)
-        logprobs = F.log_softmax(twin(tokens.to(device)).logits, dim=-1)
+        logprobs = F.log_softmax(model(tokens.to(device)), dim=-1)
         target = torch.tensor(list(cont), device=device)
         picked = logprobs[0, len(inp) - len(target):len(inp)]
         greedy = bool((picked.argmax(dim=-1) == target).all())
@@ -197,10 +183,9 @@ def decide_close_calls(model: Transformer, requests: Sequence[Request], scores: 
     if not n:
         return results, report
     max_len = model.cfg.max_seq_len
-    twin = hf_twin(model)
     widths = hflm_widths(requests, batch_size, max_len)
     sample = calibration_sample(n)
-    reference = hflm_scores(twin, requests, sample, widths, max_len)
+    reference = hflm_scores(model, requests, sample, widths, max_len)
     n_tokens = [len(cont) for _, _, cont in requests]
     worst = max(abs(reference[i][0] - scores.logprob[i]) / n_tokens[i] for i in sample)
     per_token = max(SAFETY * worst, MIN_PER_TOKEN)
@@ -217,7 +202,7 @@ def decide_close_calls(model: Transformer, requests: Sequence[Request], scores: 
             close.update(group)
             report.rescored_items[item[0]] += 1
     todo = sorted(close - reference.keys())
-    reference.update(hflm_scores(twin, requests, todo, widths, max_len))
+    reference.update(hflm_scores(model, requests, todo, widths, max_len))
     report.rescored_requests = len(close)
     for i, value in reference.items():
         results[i] = value
