@@ -32,6 +32,27 @@ def test_export_import_export_is_bit_identical(tmp_path):
         assert n1 == n2 and torch.equal(p1, p2), n1
 
 
+def test_a_loaded_tied_model_shares_one_embedding_and_trains_like_the_original(tmp_path):
+    """load_hf assigns the file's tensors (no copy): the tied head must stay the embedding's own
+    parameter, so that a fine-tune of the export moves both together, and RoPE's buffer is real."""
+    tok = train_bpe(["una frase italiana e una English sentence"] * 30, 300, tmp_path / "tok")
+    cfg = resolve_model_config("tiny", vocab_size=320, tie_embeddings=True)
+    model = Transformer(cfg)
+    model.init_weights(seed=3)
+    save_hf(model, tok, tmp_path / "a")
+    again = load_hf(tmp_path / "a")
+    assert again.lm_head.weight is again.embed_tokens.weight
+    assert len(list(again.parameters())) == len(list(model.parameters()))
+    assert torch.equal(again.inv_freq, model.inv_freq)
+    batch = torch.randint(0, 320, (2, 16))
+    for m in (model, again):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        m(batch).logsumexp(-1).mean().backward()
+        opt.step()
+    assert torch.equal(again.embed_tokens.weight, model.embed_tokens.weight)
+    assert torch.equal(again(batch), model(batch))
+
+
 def test_transformers_auto_classes_load_export(tmp_path):
     out = tmp_path / "init"
     # The CLI verb, as a user runs it: a random zagreus-0.4b-shaped model with 2 layers via a recipe.

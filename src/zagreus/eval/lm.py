@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Collection
 
@@ -194,6 +195,9 @@ class ZagreusLM(TemplateLM):
 
 
 def _sharded(model) -> bool:
+    # No DTensor exists before its module is imported (1.3 s): a process that never did holds none.
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())

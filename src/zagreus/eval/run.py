@@ -8,6 +8,7 @@ can call on the model in memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -70,8 +71,10 @@ def run_tasks(lm, tasks: list[str], num_fewshot: int | dict[str, int] | None = N
     take_report = getattr(lm, "take_tiebreak_report", None)  # ours has one; lm-eval's HFLM not
     for k, group in groups.items():
         try:
-            out = simple_evaluate(model=lm, tasks=group, num_fewshot=k, limit=limit, task_manager=task_manager(offline_only),
-                                  log_samples=log_samples, bootstrap_iters=0, verbosity=None)
+            with _no_environment_report():
+                out = simple_evaluate(model=lm, tasks=group, num_fewshot=k, limit=limit,
+                                      task_manager=task_manager(offline_only), log_samples=log_samples,
+                                      bootstrap_iters=0, verbosity=None)
         except ConnectionError as exc:
             raise UserError(_offline_hint(group, exc)) from None
         report = take_report() if take_report else TiebreakReport()
@@ -86,6 +89,22 @@ def run_tasks(lm, tasks: list[str], num_fewshot: int | dict[str, int] | None = N
         raw["group_subtasks"].update(out.get("group_subtasks") or {})
     raw["tiebreak"] = tiebreak.as_dict() if tiebreak.requests else None
     return summary, raw
+
+
+@contextlib.contextmanager
+def _no_environment_report():
+    """simple_evaluate ends by describing the machine into its output: torch's collect_env (which
+    runs pip and other programs), `git describe`, the transformers import for its version; 1.4 s
+    per call, for keys run_tasks does not keep (the results file records the versions itself).
+    lm-eval's evaluator skips that within the block."""
+    from lm_eval import evaluator
+
+    saved = evaluator.add_env_info, evaluator.get_git_commit_hash
+    evaluator.add_env_info, evaluator.get_git_commit_hash = (lambda storage: None), (lambda: None)
+    try:
+        yield
+    finally:
+        evaluator.add_env_info, evaluator.get_git_commit_hash = saved
 
 
 def _offline_hint(group: list, exc: Exception) -> str:

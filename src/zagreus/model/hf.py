@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from zagreus import __version__
 from zagreus.errors import UserError, read_json
 from zagreus.model.config import ModelConfig, RopeScaling
-from zagreus.model.llama import Transformer, build_model
+from zagreus.model.llama import Transformer, holding, meta_model
 
 
 def to_llama_config(cfg: ModelConfig) -> dict:
@@ -169,7 +169,7 @@ def load_hf(folder: Path, device: str | torch.device = "cpu") -> Transformer:
         ours[name.removeprefix("model.")] = tensor.float()
     if cfg.tie_embeddings and "embed_tokens.weight" in ours:
         ours["lm_head.weight"] = ours["embed_tokens.weight"]
-    model = build_model(cfg, device=device, seed=None)
+    model = meta_model(cfg)
     expected = model.state_dict()
     missing, unexpected = sorted(expected.keys() - ours.keys()), sorted(ours.keys() - expected.keys())
     if missing or unexpected:
@@ -178,5 +178,4 @@ def load_hf(folder: Path, device: str | torch.device = "cpu") -> Transformer:
         if tensor.shape != expected[name].shape:
             raise UserError(f"{folder}: tensor {name} has shape {list(tensor.shape)} in the weights but "
                             f"{list(expected[name].shape)} by config.json; the two files do not belong together")
-    model.load_state_dict(ours)
-    return model
+    return holding(model, ours, device)
