@@ -178,7 +178,7 @@ def test_scorer_shares_context_and_truncates_like_hflm(export):
 
 
 def test_tiled_projection_equals_whole_vocabulary_rows():
-    """The CPU projection's vocabulary tiles (online log-sum-exp, running top-2) give the
+    """The CPU projection's vocabulary tiles (online log-sum-exp, running max of the other tokens) give the
     log-probs, argmax and gaps of one whole-vocabulary log_softmax, whatever the tile sizes,
     including a last tile narrower than the rest and targets on tile edges."""
     from types import SimpleNamespace
