@@ -100,7 +100,8 @@ def _pack(trees: list[_Tree], device: torch.device):
 class PairScores:
     """Per request: sum of log p(continuation | context), whether every token is the argmax,
     and the greedy margin: the smallest gap, over its tokens, between the top logit and the
-    runner-up (target not top) or the target (target top)."""
+    runner-up (target top) or the target (target not top); 0 on an exact tie, which counts as
+    not greedy and so as a close call for the tiebreak."""
 
     logprob: list[float]
     greedy: list[bool]
