@@ -217,3 +217,88 @@ def test_tiktoken_when_fastokens_is_missing_or_fails(fresh_llama3, reference_enc
     tok._fast = Broken()  # an engine that fails on a text leaves it to tiktoken
     assert tok.encode_batch(HARD_STRINGS) == want
     assert [tok.encode(t) for t in HARD_STRINGS] == want
+
+
+@pytest.fixture()
+def trained_bpe(tmp_path, handbook_path):
+    """A 1,000-token BPE trained on handbook pages, with the texts it is checked on."""
+    pages = [json.loads(line)["text"] for line in handbook_path.open(encoding="utf-8")][:120]
+    train_bpe(pages, 1000, tmp_path / "bpe")
+    return tmp_path / "bpe", pages + HARD_STRINGS + [t[::-1] for t in pages[:20]]
+
+
+def fresh(folder):
+    """The folder's tokenizer, a new object (load_tokenizer keeps one per folder)."""
+    from zagreus.tokenizer import Tokenizer
+
+    return Tokenizer.from_tokenizer_json(folder / "tokenizer.json")
+
+
+def _tokenizers_ids(folder, texts: list[str], specials_as_text: bool) -> list[list[int]]:
+    hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    hf.encode_special_tokens = specials_as_text
+    return [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+
+
+def test_tokenizer_json_batches_go_through_fastokens_past_the_switch_point(trained_bpe, exported, monkeypatch):
+    """A trained BPE's and the Llama-3 export's batches: tokenizers' own ids, special-token strings
+    as text and as control tokens, from fastokens once a batch reaches the switch point; below it
+    tokenizers encodes, and expect() loads fastokens ahead."""
+    pytest.importorskip("fastokens")
+    import zagreus.tokenizer as tokenizer
+
+    folder, texts = trained_bpe
+    chars = sum(map(len, texts))
+    tok = fresh(folder)
+    assert tok._switch_point() == tokenizer.HF_FAST_AFTER_CHARS + tokenizer.HF_FAST_AFTER_CHARS_PER_TOKEN * tok.vocab_size
+    monkeypatch.setattr(tokenizer, "HF_FAST_AFTER_CHARS_PER_TOKEN", 0)
+    monkeypatch.setattr(tokenizer, "HF_FAST_AFTER_CHARS", chars)
+    want_text, want_control = (_tokenizers_ids(folder, texts, as_text) for as_text in (True, False))
+    assert tok.encode_batch(texts[:5]) == want_text[:5] and tok._fast is None  # under the switch point
+    assert tok.encode_batch(texts) == want_text and tok._fast  # crosses it
+    assert tok.encode_batch(texts, allow_special=True) == want_control
+    assert want_control != want_text  # the hard strings hold special-token strings
+
+    below, ahead = fresh(folder), fresh(folder)
+    below.expect(chars - 1)
+    ahead.expect(chars)
+    assert below._fast is None
+    assert ahead._fast and ahead.encode_batch(texts, allow_special=True) == want_control
+
+    monkeypatch.setattr(tokenizer, "HF_FAST_AFTER_CHARS", 0)
+    # The Llama-3 export read as a tokenizer.json (load_tokenizer gives tiktoken for it): 128k entries.
+    llama = fresh(exported[0])
+    assert llama.encode_batch(texts) == _tokenizers_ids(exported[0], texts, True) and llama._fast
+    assert llama.encode_batch(texts, allow_special=True) == _tokenizers_ids(exported[0], texts, False)
+
+
+def test_tokenizers_when_fastokens_is_missing_or_differs(trained_bpe, monkeypatch, caplog):
+    import sys
+
+    import zagreus.tokenizer as tokenizer
+
+    folder, texts = trained_bpe
+    monkeypatch.setattr(tokenizer, "HF_FAST_AFTER_CHARS", 0)
+    want = _tokenizers_ids(folder, texts, True)
+    tok = fresh(folder)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "fastokens", None)  # import fastokens raises ImportError
+        assert tok.encode_batch(texts) == want
+    assert tok._fast is False
+
+    class Unlike:  # loads, but gives other ids on the probes
+        class Tokenizer:
+            ids = [0]
+
+            @classmethod
+            def from_json_str(cls, spec):
+                return cls()
+
+            def encode_batch(self, texts, split_special_tokens=False):
+                return [self for _ in texts]
+
+    other = fresh(folder)
+    with monkeypatch.context() as m, caplog.at_level("WARNING", logger="zagreus.tokenizer"):
+        m.setitem(sys.modules, "fastokens", Unlike)
+        assert other.encode_batch(texts) == want
+    assert other._fast is False and "ids differ from tokenizers'" in caplog.text
