@@ -208,6 +208,35 @@ def test_tiled_projection_equals_whole_vocabulary_rows():
     assert want_greedy.sum() >= n // 4 and (~want_greedy).sum() >= n // 2
 
 
+def test_an_exact_tie_with_the_target_is_a_gap_of_zero_and_not_greedy():
+    """Two vocabulary entries with the same weights tie exactly: a target that ties for the top is
+    not greedy (argmax would pick one of the two by position) and has a gap of 0, so the tiebreak
+    re-scores it whatever its bound; a target below a tied top keeps its gap to it."""
+    from types import SimpleNamespace
+
+    from zagreus.eval.scorer import token_logprobs
+
+    gen = torch.Generator().manual_seed(1)
+    vocab, dim, n = 300, 8, 40
+    weight = torch.randn(vocab, dim, generator=gen) * 0.1
+    hidden = torch.randn(n, dim, generator=gen).abs()
+    a, b = 17, 200  # in different tiles for every block size below
+    weight[a] = weight[b] = torch.full((dim,), 5.0)  # the top of every row, tied
+    logits = hidden @ weight.T
+    top_value = logits.max(-1).values
+    assert torch.equal(logits[:, a], top_value) and torch.equal(logits[:, b], top_value)
+    model = SimpleNamespace(lm_head=SimpleNamespace(weight=weight))
+    for target in (a, b):
+        for rows, block in ((64, 128), (7, 150), (40, 300)):
+            _, greedy, gap = token_logprobs(model, hidden, torch.full((n,), target), rows=rows, block=block)
+            assert not greedy.any() and torch.equal(gap, torch.zeros(n)), (target, rows, block)
+    below = a + 1 + torch.arange(n)  # targets under the tied top (b is not among them)
+    _, greedy, gap = token_logprobs(model, hidden, below, rows=16, block=64)
+    want = top_value - logits.gather(1, below[:, None])[:, 0]
+    assert not greedy.any() and (want > 0).all()
+    torch.testing.assert_close(gap, want, atol=1e-5, rtol=0)
+
+
 def test_offline_task_docs_equal_lm_eval_okapi(data_dir, tmp_path):
     """zagreus_arc_it and zagreus_hellaswag_it build lm-eval's okapi documents from the same records."""
     import datasets
