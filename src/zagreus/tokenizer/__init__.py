@@ -22,6 +22,7 @@ at load), about 30x its speed on one thread.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -181,11 +182,8 @@ class Tokenizer:
         elif self._tt is not None:
             ids = self._tt.encode(text, allowed_special="all")
         else:
-            self._hf.encode_special_tokens = False
-            try:
+            with _specials_as_control(self._hf):
                 ids = self._hf.encode(text, add_special_tokens=False).ids
-            finally:
-                self._hf.encode_special_tokens = True
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def _long(self, text: str) -> bool:
@@ -248,28 +246,27 @@ class Tokenizer:
         if allow_special:
             if self._tt is not None:
                 return self._tt.encode_batch(texts, allowed_special="all")
-            if (fast := self._fast_engine(sum(map(len, texts)))) is not None:
-                try:
-                    return [e.ids for e in fast.encode_batch(texts)]
-                except Exception as exc:  # noqa: BLE001 - as in _at_once
-                    log.debug("fastokens failed on a batch (%s); tokenizers encodes it", exc)
-            self._hf.encode_special_tokens = False
-            try:
+            if (ids := self._fast_batch(texts, split_special_tokens=False)) is not None:
+                return ids
+            with _specials_as_control(self._hf):
                 return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
-            finally:
-                self._hf.encode_special_tokens = True
         short = [t for t in texts if not self._long(t)]
-        encoded = None
-        if (fast := self._fast_engine(sum(map(len, short)))) is not None:
-            try:
-                encoded = iter([e.ids for e in fast.encode_batch(short, split_special_tokens=True)])
-            except Exception as exc:  # noqa: BLE001 - as in _at_once
-                log.debug("fastokens failed on a batch (%s); %s encodes it", exc, "tiktoken" if self._tt else "tokenizers")
-        if encoded is None and self._tt is not None:
-            encoded = iter(self._tt.encode_ordinary_batch(short))
-        elif encoded is None:
-            encoded = iter([e.ids for e in self._hf.encode_batch(short, add_special_tokens=False)])
+        ids = self._fast_batch(short, split_special_tokens=True)
+        if ids is None:
+            ids = (self._tt.encode_ordinary_batch(short) if self._tt is not None
+                   else [e.ids for e in self._hf.encode_batch(short, add_special_tokens=False)])
+        encoded = iter(ids)
         return [self._ordinary(t) if self._long(t) else next(encoded) for t in texts]
+
+    def _fast_batch(self, texts: list[str], split_special_tokens: bool) -> list[list[int]] | None:
+        """fastokens' ids for `texts` once past the switch point; None before it, or where it fails on them."""
+        if (fast := self._fast_engine(sum(map(len, texts)))) is None:
+            return None
+        try:
+            return [e.ids for e in fast.encode_batch(texts, split_special_tokens=split_special_tokens)]
+        except Exception as exc:  # noqa: BLE001 - as in _at_once
+            log.debug("fastokens failed on a batch (%s); %s encodes it", exc, "tiktoken" if self._tt is not None else "tokenizers")
+            return None
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = list(ids)
@@ -324,6 +321,16 @@ class Tokenizer:
     def identity(self) -> dict:
         return {"name": self.name, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size,
                 "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+
+@contextlib.contextmanager
+def _specials_as_control(hf):
+    """Within the block, `hf` (loaded with special-token strings as text) reads them as control tokens."""
+    hf.encode_special_tokens = False
+    try:
+        yield
+    finally:
+        hf.encode_special_tokens = True
 
 
 def _clone_hf(hf):
@@ -398,11 +405,8 @@ def _fastokens_over_tokenizer_json(tok: Tokenizer):
     try:
         fast = fastokens.Tokenizer.from_json_str(hf.to_str())
         as_text = [e.ids for e in hf.encode_batch(_FAST_PROBES, add_special_tokens=False)]
-        hf.encode_special_tokens = False
-        try:
+        with _specials_as_control(hf):
             as_control = [e.ids for e in hf.encode_batch(_FAST_PROBES, add_special_tokens=False)]
-        finally:
-            hf.encode_special_tokens = True
         if ([e.ids for e in fast.encode_batch(_FAST_PROBES, split_special_tokens=True)] != as_text
                 or [e.ids for e in fast.encode_batch(_FAST_PROBES)] != as_control):
             raise RuntimeError("its ids differ from tokenizers'")
